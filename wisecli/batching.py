@@ -1,0 +1,73 @@
+"""Token batches of (query, answer) pairs, shared by training and evaluation.
+
+Rows are padded on the left so that every row's last answer token sits at the
+last position: the logits that score answers are then the last few positions
+of every row, and the model only needs to compute those (``logits_to_keep``),
+which saves most of the LM-head cost on a large vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 on real tokens
+    position_ids: torch.Tensor    # (B, T), counted from each row's first real token
+    labels: torch.Tensor          # (B, T), answer tokens, -100 elsewhere
+    query_mask: torch.Tensor      # (B, T), 1 on the query's tokens: what the router looks at
+    answer_len: int               # longest answer, in tokens
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.position_ids.to(device), self.labels.to(device),
+                     self.query_mask.to(device), self.answer_len)
+
+    def rows(self, idx: torch.Tensor) -> "Batch":
+        return Batch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
+                     self.labels[idx], self.query_mask[idx], self.answer_len)
+
+    @property
+    def logits_to_keep(self) -> int:
+        """Positions whose logits score an answer token (one before each answer token)."""
+        return min(self.input_ids.shape[1], self.answer_len + 1)
+
+    def kept_labels(self) -> torch.Tensor:
+        return self.labels[:, -self.logits_to_keep:]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Answer tokens as they follow a prompt: with the separating space, no BOS."""
+    return tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+
+
+def encode_pairs(tokenizer, queries: list[str], answers: list[str | None],
+                 max_length: int = 256) -> Batch:
+    """Tokenise query + answer rows; an answer of None gives a query-only row."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows: list[tuple[list[int], list[int]]] = []
+    for q, a in zip(queries, answers):
+        q_ids = tokenizer(q.rstrip())["input_ids"]
+        a_ids = encode_answer(tokenizer, a) if a else []
+        keep_q = max(1, max_length - len(a_ids))
+        rows.append((q_ids[-keep_q:], a_ids[:max_length - 1]))
+    width = max(len(q) + len(a) for q, a in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    qmask = torch.zeros((n, width), dtype=torch.long)
+    for i, (q, a) in enumerate(rows):
+        seq = q + a
+        start = width - len(seq)
+        input_ids[i, start:] = torch.tensor(seq)
+        attn[i, start:] = 1
+        qmask[i, start:start + len(q)] = 1
+        if a:
+            labels[i, width - len(a):] = torch.tensor(a)
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+    answer_len = max((len(a) for _, a in rows), default=0)
+    return Batch(input_ids, attn, position_ids, labels, qmask, answer_len)

@@ -1,0 +1,377 @@
+"""Patched-checkpoint format: atomic write, read, verify.
+
+A patched directory is a base Hugging Face checkpoint plus ``wise.safetensors``
+(side memories, masks, router state) and ``wise.json`` (the manifest).  Only
+safetensors and JSON are ever read -- never pickle -- so a checkpoint from
+someone else cannot run code, and old checkpoints keep loading on newer PyTorch.
+
+Invariant: nothing half-written is ever visible at the output path.  A write is
+built in a temporary sibling directory and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+
+from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "wise.safetensors"
+MANIFEST_NAME = "wise.json"
+
+_AUX_NAMES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja",
+)
+_BLOCK = 1 << 20
+# A file hashed within this long of its last change could change again without its
+# mtime moving (timestamps are coarse), so such a hash is not cached: git's "racy clean" rule.
+_RACY_NS = 2_000_000_000
+_STALE_HINT = "the base model changed since the patch was written; re-run wise edit on the new base"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PatchedCheckpoint:
+    """A loaded patch.  ``base_dir`` is where the base weights live: ``path`` itself
+    when they are embedded, else the base directory the manifest references."""
+
+    path: Path
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+    base_dir: Path
+
+
+# --------------------------------------------------------------------------- hashing
+
+def sha256_file(path: Path) -> str:
+    """Hash in 1 MiB blocks so multi-GB weight files never sit in memory at once."""
+    h = hashlib.sha256()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("WISE_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = os.path.join(xdg, "wise")
+    return Path(root) / "hashes.json"
+
+
+def _load_cache() -> dict[str, dict]:
+    """The cache only saves time, so an unreadable or foreign one is treated as empty."""
+    try:
+        data = json.loads(_cache_file().read_text())
+        entries = data.get("entries") if data.get("version") == 1 else None
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _save_cache(entries: dict[str, dict]) -> None:
+    """Replace atomically so concurrent runs never see a torn file; drop deleted paths
+    so the cache does not grow forever.  Failure to write only costs a later rehash."""
+    target = _cache_file()
+    live = {p: e for p, e in entries.items() if os.path.exists(p)}
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hashes.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": 1, "entries": live}, f)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def _cached(entries: dict[str, dict], key: str, st: os.stat_result) -> str | None:
+    e = entries.get(key)
+    if (isinstance(e, dict) and e.get("size") == st.st_size
+            and e.get("mtime_ns") == st.st_mtime_ns and isinstance(e.get("sha256"), str)):
+        return e["sha256"]
+    return None
+
+
+def sha256_file_cached(path: Path) -> str:
+    """Rehashing a 500 MB file costs ~1 s per load; reuse the hash while the file's
+    (resolved path, size, mtime_ns) is unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    entries = _load_cache()
+    hit = _cached(entries, str(path), st)
+    if hit is not None:
+        return hit
+    started = time.time_ns()
+    digest = sha256_file(path)
+    if started - st.st_mtime_ns >= _RACY_NS:
+        entries[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        _save_cache(entries)
+    return digest
+
+
+def _alias_cache(src: Path, dst: Path) -> None:
+    """A linked or copied weight file (same size and mtime) has its source's hash, so
+    the first read of a fresh checkpoint need not hash it again."""
+    entries = _load_cache()
+    with contextlib.suppress(OSError):
+        src, dst = src.resolve(), dst.resolve()
+        st_src, st_dst = src.stat(), dst.stat()
+        same = (st_src.st_size, st_src.st_mtime_ns) == (st_dst.st_size, st_dst.st_mtime_ns)
+        if same and _cached(entries, str(src), st_src) is not None:
+            entries[str(dst)] = dict(entries[str(src)])
+            _save_cache(entries)
+
+
+# --------------------------------------------------------------------------- layout
+
+def base_weight_files(model_dir: Path) -> list[Path]:
+    """Weight files of an HF directory, our own ``wise.safetensors`` excluded."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    suffixes = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+    return sorted(p for p in model_dir.iterdir()
+                  if p.name != WEIGHTS_NAME and p.name.endswith(suffixes) and p.is_file())
+
+
+def base_aux_files(model_dir: Path) -> list[Path]:
+    """Config and tokenizer files: small, and they let any tool inspect the checkpoint."""
+    return [Path(model_dir) / n for n in _AUX_NAMES if (Path(model_dir) / n).is_file()]
+
+
+def is_patched(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def _weights_dir(base_dir: Path) -> Path:
+    """A patch-only checkpoint holds no weights; editing it again must point at the
+    base it references, or the new patch would record no base at all."""
+    if not is_patched(base_dir):
+        return base_dir
+    try:
+        base = json.loads((base_dir / MANIFEST_NAME).read_text())["base"]
+        return base_dir if base["embedded"] else Path(base["path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{base_dir / MANIFEST_NAME}: unreadable manifest ({e})") from e
+
+
+# --------------------------------------------------------------------------- write
+
+def _check_target(out: Path, sources: list[Path], force: bool) -> None:
+    o = out.resolve()
+    for src in sources:
+        s = src.resolve()
+        if o == s or s in o.parents or o in s.parents:
+            raise WiseError(f"refusing to write {out}: it overlaps the model being read ({src})",
+                            hint="choose an output directory outside the base model")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise OutputExistsError(f"{out} already exists", hint="pass --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise OutputExistsError(f"{out} already exists and is not a directory",
+                                hint="--force only replaces a directory; remove it or pick another path")
+    # --force deletes the old directory; never let a typo (-o ~) wipe unrelated files.
+    if any(out.iterdir()) and not is_patched(out):
+        raise OutputExistsError(f"{out} already exists and is not a patched checkpoint",
+                                hint="--force only replaces a checkpoint written by wise; remove it yourself")
+
+
+def _place(src: Path, dst: Path, report: Progress) -> None:
+    """Hard-link when possible: instant and no extra disk, and safe because base files
+    are never modified in place.  Copy across filesystems or where links are refused."""
+    src = src.resolve()  # HF hub snapshots are relative symlinks into blobs/
+    try:
+        os.link(src, dst)
+        report(f"linked {dst.name}")
+    except OSError:
+        report(f"copying {dst.name}")
+        shutil.copy2(src, dst)
+
+
+def _full_manifest(manifest: dict, base_path: Path, files: dict[str, str],
+                   tensors: dict[str, torch.Tensor], embedded: bool) -> dict:
+    full = {"format_version": FORMAT_VERSION}
+    full.update((k, copy.deepcopy(v)) for k, v in manifest.items() if k != "format_version")
+    base = dict(full.get("base") or {})
+    base.update(path=str(base_path.resolve()), embedded=embedded, files=files)
+    full["base"] = base
+    full["tensors"] = {name: {"shape": list(t.shape), "dtype": _dtype_name(t)}
+                       for name, t in tensors.items()}
+    return full
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap with two renames; if the second fails, put the old checkpoint back."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tensor],
+                     manifest: dict, patch_only: bool = False, force: bool = False,
+                     progress: Progress | None = None) -> Path:
+    """Write a patched checkpoint atomically; the caller's ``manifest`` is not mutated.
+
+    Hashing and manifest serialisation happen before anything is written, so an
+    unhashable base or a non-JSON manifest fails before gigabytes are copied."""
+    out, base_dir = Path(out), Path(base_dir)
+    report = progress or (lambda _msg: None)
+    if not base_dir.is_dir():
+        raise ModelError(f"{base_dir}: base model directory not found")
+    weights_dir = _weights_dir(base_dir)
+    _check_target(out, [base_dir, weights_dir], force)
+    weights = base_weight_files(weights_dir)
+    if not weights:
+        raise ModelError(f"{weights_dir}: no weight files (*.safetensors, *.bin)",
+                         hint="pass a Hugging Face checkpoint directory")
+    files = {}
+    for f in weights:
+        report(f"hashing {f.name}")
+        files[f.name] = sha256_file_cached(f)
+    full = _full_manifest(manifest, weights_dir if patch_only else base_dir, files,
+                          tensors, embedded=not patch_only)
+    text = json.dumps(full, indent=2, sort_keys=False) + "\n"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for f in base_aux_files(base_dir) + ([] if patch_only else weights):
+            _place(f, tmp / f.name, report)
+        report(f"writing {WEIGHTS_NAME}")
+        # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
+        safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+        safetensors.torch.save_file(safe, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / MANIFEST_NAME).write_text(text)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not patch_only:
+        for f in weights:
+            _alias_cache(f, out / f.name)
+    return out
+
+
+# --------------------------------------------------------------------------- read
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _read_manifest(path: Path) -> dict:
+    """Validate the manifest's shape up front so later code can index it without guards."""
+    mf = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    if not mf.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST_NAME}; not a checkpoint written by wise")
+    try:
+        m = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{mf}: not valid JSON ({e})") from e
+    if not isinstance(m, dict):
+        raise CheckpointError(f"{mf}: expected a JSON object")
+    v = m.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise CheckpointError(f"{mf}: missing or invalid 'format_version'")
+    if v > FORMAT_VERSION:
+        raise CheckpointError(f"{mf}: format_version {v} is newer than this wise reads ({FORMAT_VERSION})",
+                              hint="upgrade wisecli")
+    base, specs = m.get("base"), m.get("tensors")
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str)
+            and isinstance(base.get("embedded"), bool) and isinstance(base.get("files"), dict)):
+        raise CheckpointError(f"{mf}: missing or invalid 'base' (needs path, embedded, files)")
+    for name, digest in base["files"].items():
+        if Path(name).name != name or name in ("", ".", "..") or not isinstance(digest, str):
+            raise CheckpointError(f"{mf}: invalid entry in base.files: {name!r}")
+    if not isinstance(specs, dict) or not all(
+            isinstance(s, dict) and isinstance(s.get("shape"), list) and isinstance(s.get("dtype"), str)
+            for s in specs.values()):
+        raise CheckpointError(f"{mf}: missing or invalid 'tensors' (needs shape and dtype per tensor)")
+    return m
+
+
+def _load_tensors(path: Path, specs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Check key sets, shapes and dtypes before anyone uses a tensor; name the first mismatch."""
+    wf, mf = path / WEIGHTS_NAME, path / MANIFEST_NAME
+    if not wf.is_file():
+        raise CheckpointError(f"{wf}: missing")
+    try:
+        tensors = safetensors.torch.load_file(str(wf))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{wf}: unreadable ({e})") from e
+    for name in sorted(specs):
+        if name not in tensors:
+            raise CheckpointError(f"{wf}: tensor '{name}' listed in {mf} is missing")
+    for name in sorted(tensors):
+        if name not in specs:
+            raise CheckpointError(f"{wf}: tensor '{name}' is not listed in {mf}")
+    for name in sorted(specs):
+        t, s = tensors[name], specs[name]
+        if list(t.shape) != s["shape"]:
+            raise CheckpointError(f"{wf}: tensor '{name}' has shape {list(t.shape)}, {mf} says {s['shape']}")
+        if _dtype_name(t) != s["dtype"]:
+            raise CheckpointError(f"{wf}: tensor '{name}' has dtype {_dtype_name(t)}, {mf} says {s['dtype']}")
+    return tensors
+
+
+def _verify_base(path: Path, base_dir: Path, files: dict[str, str]) -> None:
+    """The side memory was trained against these exact weights; on any other base it
+    would route and correct wrongly without any visible error."""
+    mf = path / MANIFEST_NAME
+    if not base_dir.is_dir():
+        raise CheckpointError(f"{base_dir}: base model recorded in {mf} not found",
+                              hint="restore the base model at that path, or write the patch without --patch-only")
+    for name, want in files.items():
+        f = base_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: base weight file recorded in {mf} is missing",
+                                  hint="restore the base model, or re-run wise edit on it")
+        if sha256_file_cached(f) != want:
+            raise CheckpointError(f"{f}: SHA-256 does not match the base recorded in {mf}", hint=_STALE_HINT)
+
+
+def read_checkpoint(path: Path, *, verify: bool = True) -> PatchedCheckpoint:
+    """Load and check a patched checkpoint; ``verify=False`` skips hashing the base
+    (for inspecting a manifest when the base is elsewhere or slow to read)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    tensors = _load_tensors(path, manifest["tensors"])
+    base = manifest["base"]
+    base_dir = path if base["embedded"] else Path(base["path"])
+    if verify:
+        _verify_base(path, base_dir, base["files"])
+    return PatchedCheckpoint(path=path, manifest=manifest, tensors=tensors, base_dir=base_dir)

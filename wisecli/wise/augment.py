@@ -1,0 +1,65 @@
+"""Text the model writes for itself: random prefixes and irrelevant prompts.
+
+Both are generated once per model (seeded) and stored in the manifest, so a
+user needs no data beyond the edits and a later run reuses exactly the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .memory import SideMemoryLayer, main_memory_only
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "We")
+
+# Neutral openings, half statements and half questions: the router must learn to
+# stay quiet on questions too, since edit prompts are often questions.
+NEGATIVE_SEEDS = (
+    "The", "In", "A", "It is", "My", "There are", "One of the", "After the", "Many people",
+    "Today", "According to", "The best way to", "I think", "Scientists", "The history of",
+    "Question: What is", "Question: Who", "Question: Where is", "Question: When did",
+    "What is the", "Who is the", "Where is the", "How many", "Which", "Why do",
+    "The capital of", "The author of", "The president of", "The language spoken in",
+    "The company", "The river", "The song", "The film", "The team", "She was born in",
+    "He plays", "The city of", "The book", "The largest", "The first",
+)
+
+
+@torch.no_grad()
+def _sample(model: nn.Module, tokenizer, seeds: list[str], max_new_tokens: int,
+            seed: int) -> list[str]:
+    device = next(model.parameters()).device
+    enc = tokenizer(seeds, return_tensors="pt", padding=True).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [" ".join((s + t).split()) for s, t in zip(seeds, texts)]
+
+
+def generate_prefixes(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
+                      lengths: tuple[int, ...], seed: int) -> list[str]:
+    """Short self-generated contexts; an edit trained under them holds after any context."""
+    if n == 0:
+        return []
+    prefixes: list[str] = []
+    with main_memory_only(mem):
+        for i, length in enumerate(lengths):
+            count = n // len(lengths) + (1 if i < n % len(lengths) else 0)
+            seeds = [PREFIX_SEEDS[j % len(PREFIX_SEEDS)] for j in range(count)]
+            if count:
+                prefixes += _sample(model, tokenizer, seeds, length, seed + i)
+    return [p.replace("{", " ").replace("}", " ").strip() + "." for p in prefixes]
+
+
+def generate_negatives(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
+                       length: int, seed: int) -> list[str]:
+    seeds = [NEGATIVE_SEEDS[j % len(NEGATIVE_SEEDS)] for j in range(n)]
+    with main_memory_only(mem):
+        return _sample(model, tokenizer, seeds, length, seed + 101)
+
+
+def with_prefix(prefix: str, prompt: str) -> str:
+    return f"{prefix} {prompt}" if prefix else prompt

@@ -1,0 +1,195 @@
+"""Lifelong editing: shards, merges, side memories and router thresholds over time.
+
+``WiseEditor`` owns the schedule (which edits form a shard, when shards merge,
+which memory they go to); the maths is in ``maths.py`` and one shard's
+optimisation in ``train.py``.  All state that must outlive a run is either in
+the ``SideMemoryLayer`` buffers (tensors) or in ``EditorState`` (JSON).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..batching import Batch, encode_pairs
+from ..config import WiseConfig
+from ..edits import EditRecord
+from .augment import generate_negatives, generate_prefixes, with_prefix
+from .maths import activation_score, merge_ties, shard_mask
+from .memory import SideMemoryLayer, main_memory_only
+from .train import ShardResult, _Stop, train_shard
+
+
+@dataclass
+class EditorState:
+    """The JSON half of the editor's state (the tensors live in the layer)."""
+
+    prefixes: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+    negatives_source: str = "generated"
+    shards_trained: int = 0
+    memory_edit_counts: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditorState":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class WiseEditor:
+    def __init__(self, model: nn.Module, tokenizer, mem: SideMemoryLayer, blocks: nn.ModuleList,
+                 layer: int, cfg: WiseConfig, state: EditorState | None = None) -> None:
+        self.model, self.tok, self.mem, self.blocks, self.layer = model, tokenizer, mem, blocks, layer
+        self.cfg = cfg
+        self.state = state or EditorState()
+        self.device = mem.memories.device
+
+    # ---- one-time preparation --------------------------------------------------
+    def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
+        """Prefixes, irrelevant prompts and the score unit, made once per model."""
+        st, cfg = self.state, self.cfg
+        if negatives is not None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(negatives), generator=gen)[: cfg.n_negatives].tolist()
+            st.negatives, st.negatives_source = [negatives[i] for i in order], source
+        if not st.prefixes and cfg.n_prefixes:
+            st.prefixes = generate_prefixes(self.model, self.tok, self.mem, cfg.n_prefixes,
+                                            cfg.prefix_lengths, cfg.seed)
+        if not st.negatives:
+            st.negatives = generate_negatives(self.model, self.tok, self.mem, cfg.n_negatives,
+                                              cfg.negative_length, cfg.seed)
+            st.negatives_source = "generated"
+        if self.mem.n_memories == 0 and st.shards_trained == 0:
+            self.mem.scale = torch.tensor(self.measure_scale(st.negatives), device=self.device)
+
+    @torch.no_grad()
+    def measure_scale(self, texts: list[str]) -> float:
+        """Mean ‖W a_t‖ over real tokens of neutral text: the unit of router scores."""
+        batch = encode_pairs(self.tok, texts, [None] * len(texts)).to(self.device)
+        seen: list[torch.Tensor] = []
+        handle = self.mem.base_layer.register_forward_hook(lambda _m, _i, o: seen.append(o))
+        try:
+            with main_memory_only(self.mem):
+                self._run_to_layer(batch)
+        finally:
+            handle.remove()
+        return float(activation_score(seen[0], batch.attention_mask).mean().clamp_min(1e-6))
+
+    def _run_to_layer(self, batch: Batch) -> None:
+        """Forward pass that stops right after the side-memory layer (scores only)."""
+        def stop(_m: nn.Module, _i: Any, _o: Any) -> None:
+            raise _Stop
+        handle = self.mem.register_forward_hook(stop)
+        try:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+
+    # ---- training rows -----------------------------------------------------------
+    def shard_batch(self, edits: list[EditRecord]) -> tuple[Batch, torch.Tensor]:
+        """Each edit under every prefix (CE + margin), then the irrelevant prompts (margin)."""
+        queries, answers, row_edit = [], [], []
+        for i, e in enumerate(edits):
+            for p in [""] + self.state.prefixes:
+                queries.append(with_prefix(p, e.prompt))
+                answers.append(e.target_new)
+                row_edit.append(i)
+        for text in self.state.negatives:
+            queries.append(text)
+            answers.append(None)
+            row_edit.append(-1)
+        return encode_pairs(self.tok, queries, answers), torch.tensor(row_edit)
+
+    @torch.no_grad()
+    def edit_scores(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
+        """Router scores of the query tokens under one side memory."""
+        self.mem.train_delta = delta
+        self.mem.token_mask, self.mem._explicit_mask = batch.query_mask, True
+        try:
+            self._run_to_layer(batch)
+            return self.mem.last_scores
+        finally:
+            self.mem.train_delta, self.mem.token_mask, self.mem._explicit_mask = None, None, False
+
+    # ---- the schedule --------------------------------------------------------------
+    def _start_delta(self) -> torch.Tensor:
+        if self.cfg.mode == "merge" and self.mem.n_memories:
+            return self.mem.memories[0].clone()
+        return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
+
+    def apply(self, edits: list[EditRecord], progress: ProgressFn | None = None) -> list[dict]:
+        """Train all edits in shards, merging every ``shards_per_merge``; returns per-edit placement."""
+        cfg = self.cfg
+        shards = [edits[i:i + cfg.edits_per_shard] for i in range(0, len(edits), cfg.edits_per_shard)]
+        placed: list[dict] = []
+        done = 0
+        for g in range(0, len(shards), cfg.shards_per_merge):
+            group = shards[g:g + cfg.shards_per_merge]
+            start = self._start_delta()
+            results: list[ShardResult] = []
+            for shard in group:
+                index = self.state.shards_trained
+                batch, row_edit = self.shard_batch(shard)
+                mask = shard_mask(start.shape, cfg.mask_ratio, cfg.seed * 1_000_003 + index, self.device)
+
+                def report(step: int, loss: float, active: int, _n=len(shard), _d=done) -> None:
+                    if progress:
+                        progress({"done": _d, "step": step, "loss": loss, "active": active,
+                                  "shard": index, "shard_size": _n})
+                res = train_shard(self.model, self.mem, self.blocks, self.layer, batch, row_edit,
+                                  start, mask, cfg, progress=report)
+                results.append(res)
+                self.state.shards_trained += 1
+                done += len(shard)
+                if progress:
+                    progress({"done": done, "step": res.steps, "loss": res.loss, "active": 0,
+                              "shard": index, "shard_size": len(shard), "shard_done": True})
+                for e in shard:
+                    placed.append({"id": e.id, "shard": index, "steps": res.steps,
+                                   "learned_in_training": None})
+            k = self._merge([r.delta for r in results], start, [e for s in group for e in s])
+            for p in placed[len(placed) - sum(len(s) for s in group):]:
+                p["memory"] = k
+        return placed
+
+    def _merge(self, deltas: list[torch.Tensor], start: torch.Tensor,
+               edits: list[EditRecord]) -> int:
+        """TIES-merge a group of shards; merge mode folds it into memory 0, retrieve adds a memory."""
+        cfg, mem = self.cfg, self.mem
+        merged = merge_ties(deltas, cfg.ties_density)
+        if cfg.mode == "merge" and mem.n_memories:
+            k = 0
+            new = cfg.old_memory_weight * start + merged
+            mem.memories[0] = new
+        else:
+            k = mem.n_memories
+            new = start + merged
+            mem.memories = torch.cat([mem.memories, new[None]])
+            mem.min_edit_scores = torch.cat([mem.min_edit_scores,
+                                             torch.full((1,), float("inf"), device=self.device)])
+            mem.thresholds = torch.cat([mem.thresholds, torch.zeros(1, device=self.device)])
+            self.state.memory_edit_counts.append(0)
+        batch, row_edit = self.shard_batch(edits)
+        rows = (row_edit >= 0).nonzero().squeeze(-1)
+        scores = self.edit_scores(batch.rows(rows).to(self.device), new)
+        mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
+        mem.thresholds[k] = cfg.act_ratio * mem.min_edit_scores[k]
+        self.state.memory_edit_counts[k] += len(edits)
+        return k
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

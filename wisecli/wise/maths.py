@@ -1,0 +1,114 @@
+"""The WISE maths, as pure functions over tensors.
+
+Notation (paper, Sec. 3): ``W`` is the FFN output projection at layer L (main
+memory), ``D = W' - W`` a side memory stored as a delta, ``a_t`` the input of the
+projection at token t.  Nothing here touches a model, a file or a device choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NO_MEMORY = -1  # route index meaning "main memory"
+
+
+def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Router score Δ(x) = mean over real tokens of ‖D a_t‖₂.
+
+    delta_out: (B, T, d_out) = D a_t for each token; token_mask: (B, T), 1 for the
+    tokens that count (the prompt; never padding).  Returns (B,).
+    """
+    norms = delta_out.float().norm(dim=-1)  # (B, T)
+    if token_mask is None:
+        return norms.mean(dim=-1)
+    m = token_mask.to(norms.dtype)
+    return (norms * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Top-1 routing: per example, the memory with the highest score above its threshold.
+
+    scores: (K, B); thresholds: (K,).  Returns (B,) long, NO_MEMORY where no memory
+    clears its threshold.  Vectorised and sync-free: no ``.item()``, so it batches
+    and never stalls a GPU.
+    """
+    if scores.shape[0] == 0:
+        return torch.full(scores.shape[1:], NO_MEMORY, dtype=torch.long, device=scores.device)
+    above = scores > thresholds[:, None]
+    masked = torch.where(above, scores, torch.full_like(scores, float("-inf")))
+    best = masked.argmax(dim=0)
+    return torch.where(above.any(dim=0), best, torch.full_like(best, NO_MEMORY))
+
+
+def margin_loss(edit_scores: torch.Tensor, irr_scores: torch.Tensor,
+                alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """Eq. (4) of the paper: push irrelevant scores under α, edit scores over β,
+    and every (edit, irrelevant) pair at least γ apart.  Pairwise, so one outlier
+    negative cannot hide behind the batch mean."""
+    loss = F.relu(beta - edit_scores).mean()
+    if irr_scores.numel():
+        loss = loss + F.relu(irr_scores - alpha).mean()
+        gap = edit_scores[:, None] - irr_scores[None, :]
+        loss = loss + F.relu(gamma - gap).mean()
+    return loss
+
+
+def shard_mask(shape: torch.Size | tuple[int, ...], ratio: float, seed: int,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random gradient mask of one knowledge shard (density ``ratio``), as booleans.
+
+    Drawn from its own seeded generator on the CPU so that the same (seed, shard)
+    gives the same mask on every machine; masks are therefore never stored.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return (torch.rand(tuple(shape), generator=gen) < ratio).to(device)
+
+
+def merge_ties(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merge (Yadav et al. 2023) of shard deltas τ_i that share one starting point.
+
+    1. trim: keep each τ_i's top-``density`` entries by magnitude;
+    2. elect: per entry, the sign of the summed trimmed deltas;
+    3. disjoint mean: average only the entries that agree with the elected sign.
+    Entries touched by one shard only (disjoint masks) come through unchanged.
+    """
+    stacked = torch.stack([_trim(d, density) for d in deltas])  # (n, d_out, d_in)
+    sign = torch.sign(stacked.sum(dim=0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    total = (stacked * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp_min(1)
+    return total / count
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1.0:
+        return delta
+    flat = delta.abs().flatten()
+    k = max(1, int(round(density * int((flat > 0).sum()))))
+    threshold = flat.topk(k).values.min()
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def target_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced accuracy of the labelled tokens, per row.
+
+    logits: (B, T, V) predicting position t+1 from t; labels: (B, T) with -100 where
+    nothing is scored.  Returns (per-row share of correct tokens, per-row all-correct).
+    """
+    pred = logits[:, :-1].argmax(-1)
+    gold = labels[:, 1:]
+    scored = gold != -100
+    correct = (pred == gold) & scored
+    n = scored.sum(-1)
+    share = correct.sum(-1).float() / n.clamp_min(1).float()
+    return share, (correct.sum(-1) == n) & (n > 0)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean cross-entropy of the labelled tokens (0 for rows without labels)."""
+    lp = logits[:, :-1].float()
+    gold = labels[:, 1:]
+    nll = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), gold.reshape(-1),
+                          ignore_index=-100, reduction="none").view(gold.shape)
+    n = (gold != -100).sum(-1).clamp_min(1)
+    return nll.sum(-1) / n

@@ -1,0 +1,147 @@
+"""The side-memory layer: main memory W, side memories D_k, and the router, in one module.
+
+It replaces the FFN output projection in the model (peft-style: it keeps
+``base_layer`` and adds its own state beside it).  All state is in registered
+buffers, so ``wise_state()`` is exactly what is saved — no Python lists of
+tensors, no pickle.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .maths import NO_MEMORY, activation_score, choose_memory
+
+
+class SideMemoryLayer(nn.Module):
+    """``y = W a`` (main memory) or ``y = W a + D_k a`` (side memory k), chosen per example.
+
+    Side memories are deltas ``D_k = W'_k - W`` in float32: the router score is
+    ``‖D_k a‖`` anyway, so storing the delta costs one matmul instead of two, and
+    keeps the optimiser's precision when the base runs in bf16.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+        dev = next(base_layer.parameters()).device
+        self.register_buffer("memories", torch.zeros(0, out_features, in_features, device=dev))
+        self.register_buffer("thresholds", torch.zeros(0, device=dev))
+        # Per memory: the smallest score seen on its edited prompts; threshold = act_ratio × this.
+        self.register_buffer("min_edit_scores", torch.zeros(0, device=dev))
+        # Typical ‖W a_t‖ at this layer: the unit of all router scores and margins.
+        self.register_buffer("scale", torch.ones((), device=dev))
+        # Transient, never saved: set by the trainer and the routing context.
+        self.train_delta: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.decoding = False
+        self.hold = True
+        self.enabled = True
+        self.held_route: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
+        self.last_route: torch.Tensor | None = None
+
+    # ---- state ---------------------------------------------------------------
+    def wise_state(self) -> dict[str, torch.Tensor]:
+        return {"memories": self.memories, "thresholds": self.thresholds,
+                "min_edit_scores": self.min_edit_scores, "scale": self.scale}
+
+    def load_wise_state(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.memories.device
+        for name in ("memories", "thresholds", "min_edit_scores", "scale"):
+            setattr(self, name, state[name].to(device=dev, dtype=torch.float32).clone())
+
+    @property
+    def n_memories(self) -> int:
+        return int(self.memories.shape[0])
+
+    # ---- forward -------------------------------------------------------------
+    def _mask_for(self, t: int) -> torch.Tensor | None:
+        m = self.token_mask
+        if m is None:
+            return None
+        return m[:, -t:] if m.shape[1] >= t else None
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # a: (B, T, d_in)
+        out = self.base_layer(a)  # (B, T, d_out)
+        if self.train_delta is not None:
+            delta_out = F.linear(a.float(), self.train_delta)
+            self.last_scores = activation_score(delta_out, self._mask_for(a.shape[1])) / self.scale
+            return out + delta_out.to(out.dtype)
+        if not self.enabled or self.n_memories == 0:
+            return out
+        a32 = a.float()
+        if self.decoding and self.hold and self.held_route is not None \
+                and self.held_route.shape[0] == a.shape[0]:
+            route = self.held_route
+            deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
+        else:
+            deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
+            mask = self._mask_for(a.shape[1])
+            scores = torch.stack([activation_score(d, mask) for d in deltas]) / self.scale  # (K, B)
+            route = choose_memory(scores, self.thresholds)
+            self.last_scores = scores
+            self.held_route = route
+        self.last_route = route
+        extra = torch.zeros_like(out, dtype=torch.float32)
+        for k, d in enumerate(deltas):
+            extra = extra + (route == k).to(d.dtype)[:, None, None] * d
+        return out + extra.to(out.dtype)
+
+
+def _is_decode_step(kwargs: dict) -> bool:
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return False
+    get_len = getattr(cache, "get_seq_length", None)
+    try:
+        return bool(get_len() > 0) if get_len is not None else len(cache) > 0
+    except (TypeError, IndexError):
+        return False
+
+
+def install(model: nn.Module, layer: SideMemoryLayer) -> None:
+    """Give the layer the attention mask and the prefill/decode phase of each call.
+
+    The layer sits deep inside the model and never sees ``attention_mask``; a
+    forward pre-hook on the whole model hands it over, so padding never counts in a
+    score and a routing decision taken on the prompt is held while generating.
+    """
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer.decoding = _is_decode_step(kwargs)
+        if getattr(layer, "_explicit_mask", False):
+            return
+        mask = kwargs.get("attention_mask")
+        layer.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    model._wise_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@contextmanager
+def route_on(layer: SideMemoryLayer, token_mask: torch.Tensor) -> Iterator[None]:
+    """Route on these tokens only (the prompt, not the teacher-forced answer)."""
+    layer.token_mask, layer._explicit_mask = token_mask, True
+    try:
+        yield
+    finally:
+        layer.token_mask, layer._explicit_mask = None, False
+
+
+@contextmanager
+def main_memory_only(layer: SideMemoryLayer) -> Iterator[None]:
+    """The unedited model, exactly: the side memories are skipped, W is untouched."""
+    prev, layer.enabled = layer.enabled, False
+    try:
+        yield
+    finally:
+        layer.enabled = prev
+
+
+def route_names(route: torch.Tensor) -> list[str]:
+    return ["main" if int(r) == NO_MEMORY else f"side[{int(r)}]" for r in route.tolist()]
