@@ -5,6 +5,9 @@ user needs no data beyond the edits and a later run reuses exactly the same.
 """
 from __future__ import annotations
 
+import re
+from importlib import resources
+
 import torch
 import torch.nn as nn
 
@@ -63,3 +66,39 @@ def generate_negatives(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int
 
 def with_prefix(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}" if prefix else prompt
+
+
+def _entities() -> list[str]:
+    text = resources.files("wisecli").joinpath("data/entities.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+_STARTERS = {"The", "A", "An", "What", "Who", "Where", "When", "Which", "How", "Why", "In", "Is", "Was"}
+_PROPER = re.compile(r"[A-Z][\w'’.-]*(?:\s+(?:of|the|de|da|del|van|von|la|le)?\s*[A-Z][\w'’.-]*)*")
+
+
+def subject_of(prompt: str, subject: str | None) -> str | None:
+    """The edit's subject: as given when it occurs in the prompt, else the longest proper-noun span."""
+    if subject and subject in prompt:
+        return subject
+    spans = [m.group(0) for m in _PROPER.finditer(prompt)]
+    spans = [s for s in spans if s.split()[0] not in _STARTERS or len(s.split()) > 1]
+    spans = [" ".join(s.split()[1:]) if s.split()[0] in _STARTERS else s for s in spans]
+    return max(spans, key=len) if spans else None
+
+
+def neighbours(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
+    """Near-miss prompts: the edit's template about other subjects.
+
+    Generic irrelevant text teaches the router nothing about "The capital of Canada
+    is" when the edit is "The capital of Australia is": the shared template makes
+    both score alike.  Training the router to stay quiet on the template with another
+    subject makes it key on the subject, which is what locality needs.
+    """
+    subj = subject_of(prompt, subject)
+    if not subj or n == 0:
+        return []
+    pool = [e for e in _entities() if e.casefold() != subj.casefold()]
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(pool), generator=gen)[:n].tolist()
+    return [prompt.replace(subj, pool[i], 1) for i in picks]

@@ -7,6 +7,7 @@ the ``SideMemoryLayer`` buffers (tensors) or in ``EditorState`` (JSON).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,10 +18,10 @@ import torch.nn as nn
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
-from .augment import generate_negatives, generate_prefixes, with_prefix
-from .maths import activation_score, merge_ties, shard_mask
+from .augment import generate_negatives, generate_prefixes, neighbours, with_prefix
+from .maths import merge_ties, scored_tokens, shard_mask
 from .memory import SideMemoryLayer, main_memory_only
-from .train import ShardResult, _Stop, train_shard
+from .train import IRRELEVANT, NEAR_MISS, ShardResult, _Stop, train_shard
 
 
 @dataclass
@@ -72,7 +73,10 @@ class WiseEditor:
 
     @torch.no_grad()
     def measure_scale(self, texts: list[str]) -> float:
-        """Mean ‖W a_t‖ over real tokens of neutral text: the unit of router scores."""
+        """Median ‖W a_t‖ over the tokens of neutral text: the unit of router scores.
+
+        The median, not the mean: a few tokens carry activations 100x the rest.
+        """
         batch = encode_pairs(self.tok, texts, [None] * len(texts)).to(self.device)
         seen: list[torch.Tensor] = []
         handle = self.mem.base_layer.register_forward_hook(lambda _m, _i, o: seen.append(o))
@@ -81,7 +85,9 @@ class WiseEditor:
                 self._run_to_layer(batch)
         finally:
             handle.remove()
-        return float(activation_score(seen[0], batch.attention_mask).mean().clamp_min(1e-6))
+        norms = seen[0].float().norm(dim=-1)
+        keep = scored_tokens(batch.attention_mask, norms) > 0
+        return float(norms[keep].median().clamp_min(1e-6))
 
     def _run_to_layer(self, batch: Batch) -> None:
         """Forward pass that stops right after the side-memory layer (scores only)."""
@@ -105,10 +111,16 @@ class WiseEditor:
                 queries.append(with_prefix(p, e.prompt))
                 answers.append(e.target_new)
                 row_edit.append(i)
-        for text in self.state.negatives:
+        for e in edits:  # near misses: always in the step (row -2)
+            seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
+            for text in neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed):
+                queries.append(text)
+                answers.append(None)
+                row_edit.append(NEAR_MISS)
+        for text in self.state.negatives:  # generic irrelevant text: sampled per step (row -1)
             queries.append(text)
             answers.append(None)
-            row_edit.append(-1)
+            row_edit.append(IRRELEVANT)
         return encode_pairs(self.tok, queries, answers), torch.tensor(row_edit)
 
     @torch.no_grad()

@@ -13,16 +13,26 @@ NO_MEMORY = -1  # route index meaning "main memory"
 
 
 def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Router score Δ(x) = mean over real tokens of ‖D a_t‖₂.
+    """Router score Δ(x) = mean over the prompt's tokens of ‖D a_t‖₂.
 
     delta_out: (B, T, d_out) = D a_t for each token; token_mask: (B, T), 1 for the
     tokens that count (the prompt; never padding).  Returns (B,).
     """
     norms = delta_out.float().norm(dim=-1)  # (B, T)
-    if token_mask is None:
-        return norms.mean(dim=-1)
-    m = token_mask.to(norms.dtype)
-    return (norms * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    return (norms * (m := scored_tokens(token_mask, norms))).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def scored_tokens(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The tokens a score averages over: real tokens except each row's first one.
+
+    The first position of a sequence carries the model's "attention sink", whose
+    activations are orders of magnitude larger than any other token's and nearly
+    the same for every prompt; counted, it would drown what tells prompts apart.
+    """
+    m = torch.ones_like(like) if token_mask is None else token_mask.to(like.dtype)
+    first = (m.cumsum(-1) == 1) & (m > 0)
+    drop = first & (m.sum(-1, keepdim=True) > 1)
+    return m.masked_fill(drop, 0.0)
 
 
 def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

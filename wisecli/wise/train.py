@@ -32,6 +32,10 @@ class ShardResult:
     seconds: float
 
 
+IRRELEVANT = -1   # row_edit of generic irrelevant rows (a sample of them in each step)
+NEAR_MISS = -2    # row_edit of near-miss rows (all of them in every step)
+
+
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the recorded block has run."""
 
@@ -117,8 +121,10 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     batch, row_edit, mask = batch.to(dev), row_edit.to(dev), mask.to(dev)
     n_rows = batch.input_ids.shape[0]
     n_edits = int(row_edit.max().item()) + 1
-    edit_rows = (row_edit >= 0).nonzero().squeeze(-1)
-    irr_rows = (row_edit < 0).nonzero().squeeze(-1)
+    # Edit rows come first, edit by edit, each edit with the same number of variants.
+    edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V)
+    irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
+    near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
     tau = torch.zeros_like(base_delta, requires_grad=True)
     opt = torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -127,9 +133,12 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     active = torch.ones(n_edits, dtype=torch.bool, device=dev)
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
+        n_var = edit_rows.shape[1]
+        cols = torch.cat([torch.zeros(1, dtype=torch.long),
+                          1 + torch.randperm(n_var - 1, generator=gen)[: cfg.variants_per_step - 1]])
         n_irr = min(cfg.negatives_per_step, irr_rows.numel())
         pick = irr_rows[torch.randperm(irr_rows.numel(), generator=gen)[:n_irr].to(dev)]
-        idx = torch.cat([edit_rows, pick])
+        idx = torch.cat([edit_rows[:, cols.to(dev)].reshape(-1), near_rows, pick])
         sub, sub_edit = batch.rows(idx), row_edit[idx]
         mem.train_delta = base_delta + tau * mask
         mem.token_mask, mem._explicit_mask = sub.query_mask, True
