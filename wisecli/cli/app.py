@@ -1,0 +1,67 @@
+"""Entry point: wires the commands and maps domain errors to one-line messages."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.exceptions import TyperException
+
+from ..errors import WiseError
+from . import console
+from .edit import edit
+from .eval_cmd import eval_cmd
+from .generate import generate
+from .info import info
+
+app = typer.Typer(
+    name="wise", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Lifelong knowledge edits (WISE) for language-model checkpoints, offline.",
+)
+app.command("edit")(edit)
+app.command("eval")(eval_cmd)
+app.command("generate")(generate)
+app.command("info")(info)
+
+
+def _register_bench() -> None:
+    try:
+        from .bench import bench
+    except ImportError:
+        return
+    app.command("bench")(bench)
+
+
+_register_bench()
+
+
+def main() -> None:
+    """Run the CLI: a WiseError becomes one line on stderr and its exit code."""
+    debug = os.environ.get("WISE_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except WiseError as exc:
+        if debug:
+            raise
+        console.err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        if exc.hint:
+            console.err.print(f"[dim]hint: {exc.hint}[/dim]", highlight=False)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.err.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except TyperException as exc:  # bad usage: click's message, exit 2 like every CLI
+        show = getattr(exc, "show", None)
+        if show:
+            show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # an unexpected bug: still one line unless debugging
+        if debug:
+            raise
+        console.err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {exc}",
+                          highlight=False, markup=False)
+        console.err.print("[dim]hint: set WISE_DEBUG=1 for the traceback[/dim]")
+        sys.exit(1)
+

@@ -1,0 +1,38 @@
+"""Where output goes: results to stdout, progress and warnings to stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+out = Console()
+err = Console(stderr=True)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def status(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        err.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Any]:
+    """A rich bar on stderr, or a no-op when --json (machines read stdout only)."""
+    if quiet:
+        yield None
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), console=err, transient=False)
+    with bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda completed=None, info="": bar.update(
+            task, **({"completed": completed} if completed is not None else {}), info=info)

@@ -1,0 +1,15 @@
+"""Option types shared by every command, defined once."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[str, typer.Argument(
+    help="Alias (smollm2-135m, gemma3-270m, or 'default'), Hugging Face checkpoint dir, "
+         ".gguf file, or a directory written by wise.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+DType = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    "--device-map", help="'auto' spreads a model too large for one GPU over all GPUs (accelerate).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; no progress bars.")]
