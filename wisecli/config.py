@@ -44,8 +44,8 @@ class WiseConfig:
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
     margin_weight: float = 1.0
     # Optimisation of one shard.
-    learning_rate: float = 0.02
-    max_steps: int = 60
+    learning_rate: float = 0.005
+    max_steps: int = 50
     min_steps: int = 5
     weight_decay: float = 0.0
     check_every: int = 5
@@ -59,8 +59,8 @@ class WiseConfig:
     # Irrelevant prompts for the router's margin loss.
     n_negatives: int = 40
     # Near misses per edit: its prompt about another subject (see augment.neighbours).
-    n_neighbours: int = 2
-    negatives_per_step: int = 20
+    n_neighbours: int = 4
+    negatives_per_step: int = 10
     negative_length: int = 16
     # Routing for free generation: decide from the prompt, hold for new tokens.
     hold_routing: bool = True

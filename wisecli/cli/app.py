@@ -35,9 +35,20 @@ def _register_bench() -> None:
 _register_bench()
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """Our progress bars and messages only: transformers' own bars and notices go."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if not debug:
+        hf_logging.set_verbosity_error()
+        import warnings
+        warnings.filterwarnings("ignore")
+
+
 def main() -> None:
     """Run the CLI: a WiseError becomes one line on stderr and its exit code."""
     debug = os.environ.get("WISE_DEBUG") == "1"
+    _quiet_libraries(debug)
     try:
         app(standalone_mode=False)
     except WiseError as exc:

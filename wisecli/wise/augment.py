@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -87,18 +88,44 @@ def subject_of(prompt: str, subject: str | None) -> str | None:
     return max(spans, key=len) if spans else None
 
 
-def neighbours(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
+def neighbours(prompt: str, subject: str | None, n: int, seed: int,
+               rank: Callable[[str, list[str]], list[int]] | None = None) -> list[str]:
     """Near-miss prompts: the edit's template about other subjects.
 
     Generic irrelevant text teaches the router nothing about "The capital of Canada
     is" when the edit is "The capital of Australia is": the shared template makes
     both score alike.  Training the router to stay quiet on the template with another
-    subject makes it key on the subject, which is what locality needs.
+    subject makes it key on the subject, which is what locality needs.  Half the
+    subjects are the ones ``rank`` finds most alike (hardest), half are random.
     """
     subj = subject_of(prompt, subject)
     if not subj or n == 0:
         return []
     pool = [e for e in _entities() if e.casefold() != subj.casefold()]
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(pool), generator=gen)[:n].tolist()
+    order = torch.randperm(len(pool), generator=gen).tolist()
+    picks: list[int] = []
+    if rank is not None:
+        picks = rank(subj, pool)[: (n + 1) // 2]
+    picks += [i for i in order if i not in picks][: n - len(picks)]
     return [prompt.replace(subj, pool[i], 1) for i in picks]
+
+
+def embedding_ranker(model: nn.Module, tokenizer) -> Callable[[str, list[str]], list[int]]:
+    """Rank candidate subjects by cosine similarity of their mean input embeddings."""
+    table = model.get_input_embeddings().weight
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"] or [0]
+        return table[torch.tensor(ids, device=table.device)].float().mean(0)
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def rank(subject: str, pool: list[str]) -> list[int]:
+        for p in pool:
+            if p not in cache:
+                cache[p] = embed(p)
+        keys = torch.stack([cache[p] for p in pool])
+        sims = torch.nn.functional.cosine_similarity(keys, embed(subject)[None], dim=-1)
+        return sims.argsort(descending=True).tolist()
+    return rank

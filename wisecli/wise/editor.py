@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
-from .augment import generate_negatives, generate_prefixes, neighbours, with_prefix
+from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
 from .maths import merge_ties, scored_tokens, shard_mask
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, ShardResult, _Stop, train_shard
@@ -52,6 +52,7 @@ class WiseEditor:
         self.cfg = cfg
         self.state = state or EditorState()
         self.device = mem.memories.device
+        self._rank = embedding_ranker(model, tokenizer)
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -113,7 +114,7 @@ class WiseEditor:
                 row_edit.append(i)
         for e in edits:  # near misses: always in the step (row -2)
             seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
-            for text in neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed):
+            for text in neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed, self._rank):
                 queries.append(text)
                 answers.append(None)
                 row_edit.append(NEAR_MISS)

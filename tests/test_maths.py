@@ -1,0 +1,233 @@
+"""The WISE maths as pure functions: router score, routing, margin loss, masks, TIES, accuracy."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wisecli.wise.maths import (
+    NO_MEMORY,
+    activation_score,
+    choose_memory,
+    margin_loss,
+    merge_ties,
+    scored_tokens,
+    shard_mask,
+    target_accuracy,
+    target_nll,
+)
+
+# ---- activation_score / scored_tokens ------------------------------------------------
+
+
+def test_activation_score_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    delta_out = torch.randn(3, 5, 4, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1],     # left padding: positions 3, 4 count (2 is first)
+                         [1, 1, 1, 1, 1],     # no padding: 1..4 count
+                         [0, 0, 0, 0, 1]])    # one real token: it is all there is, so it counts
+    norms = delta_out.norm(dim=-1)
+    want = torch.stack([norms[0, 3:].mean(), norms[1, 1:].mean(), norms[2, 4]])
+    torch.testing.assert_close(activation_score(delta_out, mask), want)
+
+
+def test_activation_score_ignores_padding_and_first_token_values():
+    """Whatever sits at the padding and the first real token cannot move the score."""
+    g = torch.Generator().manual_seed(1)
+    delta_out = torch.randn(2, 6, 8, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    before = activation_score(delta_out, mask)
+    noisy = delta_out.clone()
+    noisy[0, :3] *= 1000.0   # two pads and the first real token of row 0
+    noisy[1, 0] *= 1000.0    # the first token (attention sink) of row 1
+    torch.testing.assert_close(activation_score(noisy, mask), before)
+
+
+def test_activation_score_without_mask_drops_only_first_token():
+    delta_out = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    norms = delta_out.norm(dim=-1)
+    torch.testing.assert_close(activation_score(delta_out, None), norms[:, 1:].mean(-1))
+
+
+def test_scored_tokens_mask():
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    got = scored_tokens(mask, torch.zeros(3, 4))
+    assert got.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_activation_score_all_padding_row_is_zero_not_nan():
+    score = activation_score(torch.ones(1, 3, 2), torch.zeros(1, 3, dtype=torch.long))
+    assert score.tolist() == [0.0]
+
+
+# ---- choose_memory ---------------------------------------------------------------
+
+
+def test_choose_memory_picks_highest_score_above_its_threshold():
+    # (K=3, B=4)
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.2],
+                           [0.8, 0.3, 0.7, 0.1],
+                           [1.0, 0.2, 0.6, 0.3]])
+    thresholds = torch.tensor([0.5, 0.2, 2.0])
+    route = choose_memory(scores, thresholds)
+    # row 0: memory 2 has the top score but not above its threshold 2.0 -> memory 0 (0.9 > 0.8)
+    # row 1: only memory 1 clears (0.3 > 0.2); row 2: memory 1 (0.7) beats memory 0 (0.5 not > 0.5)
+    # row 3: nothing clears -> main memory
+    assert route.tolist() == [0, 1, 1, NO_MEMORY]
+    assert route.dtype == torch.long
+
+
+def test_choose_memory_none_clears():
+    route = choose_memory(torch.tensor([[0.1, 0.2]]), torch.tensor([0.5]))
+    assert route.tolist() == [NO_MEMORY, NO_MEMORY]
+
+
+def test_choose_memory_threshold_is_strict():
+    assert choose_memory(torch.tensor([[0.5]]), torch.tensor([0.5])).tolist() == [NO_MEMORY]
+
+
+def test_choose_memory_with_no_memories():
+    route = choose_memory(torch.zeros(0, 3), torch.zeros(0))
+    assert route.tolist() == [NO_MEMORY] * 3
+    assert route.dtype == torch.long
+
+
+def test_choose_memory_rows_route_independently():
+    scores = torch.tensor([[2.0, 0.0, 0.4], [0.0, 3.0, 0.6]])
+    assert choose_memory(scores, torch.tensor([1.0, 0.5])).tolist() == [0, 1, 1]
+    for b in range(3):  # the same decision as each row alone
+        alone = choose_memory(scores[:, b:b + 1], torch.tensor([1.0, 0.5]))
+        assert alone.item() == [0, 1, 1][b]
+
+
+# ---- margin_loss -------------------------------------------------------------------
+
+ALPHA, BETA, GAMMA = 0.05, 0.5, 0.3
+
+
+def test_margin_loss_zero_when_separated():
+    edit = torch.tensor([0.6, 0.9])
+    irr = torch.tensor([0.0, 0.04, 0.01])
+    assert margin_loss(edit, irr, ALPHA, BETA, GAMMA).item() == 0.0
+
+
+@pytest.mark.parametrize("edit, irr", [
+    ([0.4, 0.9], [0.0]),          # an edit below beta
+    ([0.6, 0.9], [0.1]),          # an irrelevant prompt above alpha
+    ([0.6, 0.9], [0.04, 0.35]),   # above alpha and the gap 0.6 - 0.35 < gamma
+])
+def test_margin_loss_positive_when_a_margin_is_violated(edit, irr):
+    assert margin_loss(torch.tensor(edit), torch.tensor(irr), ALPHA, BETA, GAMMA).item() > 0
+
+
+def test_margin_loss_gap_term_alone():
+    """Both scores inside their own margins but too close: only the gap term fires."""
+    loss = margin_loss(torch.tensor([0.5]), torch.tensor([0.3]), 0.3, 0.5, 0.3)
+    assert loss.item() == pytest.approx(0.1)
+
+
+def test_margin_loss_without_irrelevant_scores():
+    loss = margin_loss(torch.tensor([0.2, 0.7]), torch.zeros(0), ALPHA, BETA, GAMMA)
+    assert loss.item() == pytest.approx(0.15)
+
+
+def test_margin_loss_gradient_pushes_edit_scores_up_and_irrelevant_down():
+    edit = torch.tensor([0.1, 0.2], requires_grad=True)
+    irr = torch.tensor([0.2, 0.3], requires_grad=True)
+    margin_loss(edit, irr, ALPHA, BETA, GAMMA).backward()
+    assert (edit.grad < 0).all()   # descent raises edit scores
+    assert (irr.grad > 0).all()    # and lowers irrelevant ones
+    # one step of descent lowers the loss
+    with torch.no_grad():
+        e2, i2 = edit - 0.1 * edit.grad, irr - 0.1 * irr.grad
+    assert margin_loss(e2, i2, ALPHA, BETA, GAMMA) < margin_loss(edit.detach(), irr.detach(), ALPHA, BETA, GAMMA)
+
+
+# ---- shard_mask --------------------------------------------------------------------
+
+
+def test_shard_mask_density_and_dtype():
+    m = shard_mask((200, 300), 0.2, seed=7)
+    assert m.dtype == torch.bool and m.shape == (200, 300)
+    assert m.float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert shard_mask((200, 300), 1.0, seed=7).all()
+
+
+def test_shard_mask_seeded():
+    a = shard_mask(torch.Size([64, 128]), 0.3, seed=3)
+    assert torch.equal(a, shard_mask((64, 128), 0.3, seed=3))
+    b = shard_mask((64, 128), 0.3, seed=4)
+    assert not torch.equal(a, b)
+    # independent of the global RNG
+    torch.manual_seed(123)
+    assert torch.equal(a, shard_mask((64, 128), 0.3, seed=3))
+
+
+# ---- merge_ties --------------------------------------------------------------------
+
+
+def test_merge_ties_disjoint_deltas_come_through_unchanged():
+    g = torch.Generator().manual_seed(0)
+    m1 = shard_mask((8, 16), 0.3, seed=1)
+    m2 = shard_mask((8, 16), 0.3, seed=2) & ~m1
+    d1 = torch.randn(8, 16, generator=g) * m1
+    d2 = torch.randn(8, 16, generator=g) * m2
+    torch.testing.assert_close(merge_ties([d1, d2], 1.0), d1 + d2)
+
+
+def test_merge_ties_elects_sign_and_averages_agreeing_entries():
+    d1 = torch.tensor([[3.0, -1.0, 2.0]])
+    d2 = torch.tensor([[-1.0, -2.0, 2.0]])
+    d3 = torch.tensor([[1.0, 4.0, 0.0]])
+    merged = merge_ties([d1, d2, d3], 1.0)
+    # entry 0: sum +3 -> "+", mean of 3 and 1; entry 1: sum +1 -> "+", only 4;
+    # entry 2: both nonzero agree, the zero of d3 does not dilute the mean
+    assert merged.tolist() == [[2.0, 4.0, 2.0]]
+
+
+def test_merge_ties_density_keeps_top_entries():
+    d = torch.tensor([[1.0, -4.0, 2.0, -3.0]])
+    assert merge_ties([d], 0.5).tolist() == [[0.0, -4.0, 0.0, -3.0]]
+    assert merge_ties([d], 0.25).tolist() == [[0.0, -4.0, 0.0, 0.0]]
+    # density counts the nonzero entries: a sparse (masked) delta keeps its own top share
+    sparse = torch.tensor([[0.0, 5.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert merge_ties([sparse], 0.5).tolist() == [[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_merge_ties_trims_before_electing():
+    """A small entry trimmed from one shard no longer votes against another's sign."""
+    d1 = torch.tensor([[10.0, -2.0]])
+    d2 = torch.tensor([[0.0, 1.0]])
+    assert merge_ties([d1, d2], 1.0).tolist() == [[10.0, -2.0]]  # untrimmed, "-" wins entry 1
+    assert merge_ties([d1, d2], 0.5).tolist() == [[10.0, 1.0]]
+
+
+def test_merge_ties_single_delta_is_identity():
+    d = torch.randn(4, 4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(merge_ties([d], 1.0), d)
+
+
+# ---- target_accuracy / target_nll --------------------------------------------------
+
+
+def _onehot_logits(pred: list[list[int]], vocab: int = 5) -> torch.Tensor:
+    return F.one_hot(torch.tensor(pred), vocab).float() * 10.0
+
+
+def test_target_accuracy_per_row():
+    # logits at t predict token t+1; labels -100 except the answer positions
+    logits = _onehot_logits([[0, 3, 4, 0], [0, 3, 1, 0], [0, 0, 0, 0]])
+    labels = torch.tensor([[-100, -100, 3, 4], [-100, -100, 3, 4], [-100, -100, -100, -100]])
+    share, all_ok = target_accuracy(logits, labels)
+    assert share.tolist() == [1.0, 0.5, 0.0]
+    assert all_ok.tolist() == [True, False, False]
+
+
+def test_target_nll_per_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 4], [-100, -100, -100, -100]])
+    want = F.cross_entropy(logits[0, 1:3], torch.tensor([3, 4]))
+    nll = target_nll(logits, labels)
+    torch.testing.assert_close(nll[0], want)
+    assert nll[1].item() == 0.0

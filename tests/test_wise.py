@@ -1,0 +1,301 @@
+"""WISE end to end on tiny random checkpoints: the side-memory layer, the fast training path,
+lifelong edits, the checkpoint round trip, retrieve mode, per-example routing and generation.
+
+Every test runs on a LLaMA (``nn.Linear`` down_proj) and a GPT-2 (transposed ``Conv1D``
+c_proj), each saved to disk by ``conftest`` and opened the way the CLI opens it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import wisecli.wise.memory as memory_module
+from wisecli.batching import encode_pairs
+from wisecli.checkpoint import write_checkpoint
+from wisecli.cli.edit import _manifest
+from wisecli.config import WiseConfig
+from wisecli.edits import EditRecord
+from wisecli.evaluate import evaluate
+from wisecli.models import load_model
+from wisecli.session import editor_state, open_model, session_config
+from wisecli.wise.editor import WiseEditor
+from wisecli.wise.maths import NO_MEMORY, shard_mask
+from wisecli.wise.memory import SideMemoryLayer, main_memory_only, route_on
+from wisecli.wise.train import train_shard
+
+from conftest import EDITS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ARCHS = ["llama", "gpt2"]
+RECORDS = [EditRecord(id=e["id"], prompt=e["prompt"], target_new=e["target_new"],
+                      rephrase=tuple(e.get("rephrase", ())),
+                      locality_prompt=e.get("locality_prompt"),
+                      locality_ground_truth=e.get("locality_ground_truth")) for e in EDITS]
+PREFIXES = ["the old king .", "a big sea ."]
+NEGATIVES = ["the river of germany", "my song is red", "who plays music", "the moon and the sun"]
+UNEDITED = "the green lake and the small mountain"
+# Enough steps and a dense enough mask that a random 4-layer model learns all three edits.
+LEARN = dict(learning_rate=0.05, max_steps=60, mask_ratio=0.5, n_prefixes=2, n_negatives=4,
+             negative_length=4, negatives_per_step=4)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def _dir(request, arch: str) -> Path:
+    return request.getfixturevalue(f"tiny_{arch}_dir")
+
+
+@pytest.fixture
+def model_dir(request, arch) -> Path:
+    return _dir(request, arch)
+
+
+def _logits(model, tok, texts: list[str]) -> torch.Tensor:
+    """Left-padded batch with explicit position ids (what evaluation and generation use)."""
+    batch = encode_pairs(tok, texts, [None] * len(texts))
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids).logits
+
+
+def _route(sess, text: str) -> torch.Tensor:
+    sess.mem.last_route = None
+    _logits(sess.model, sess.tokenizer, [text])
+    return sess.mem.last_route.clone()
+
+
+# ---- the layer ---------------------------------------------------------------------
+
+
+def test_zero_memories_is_the_unwrapped_model(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    assert isinstance(sess.mem, SideMemoryLayer) and sess.mem.n_memories == 0
+    assert sess.mem.kind == ("conv1d" if "gpt2" in model_dir.name else "linear")
+    plain, tok = load_model(model_dir, torch.device("cpu"), torch.float32)
+    texts = [RECORDS[0].prompt, UNEDITED, "who"]
+    assert torch.equal(_logits(sess.model, sess.tokenizer, texts), _logits(plain, tok, texts))
+
+
+def test_wise_state_is_exactly_the_buffers(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    state = sess.mem.wise_state()
+    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale"}
+    assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
+    # buffers, so state_dict carries them and nothing needs pickle
+    keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
+            and k.startswith(sess.target.module_path)}
+    assert set(state) <= keys
+
+
+# ---- the fast path equals the full-forward reference ---------------------------------
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_fast_path_equals_full_forward_reference(request, arch, layer):
+    sess = open_model(str(_dir(request, arch)), device="cpu", layer=layer)
+    cfg = WiseConfig(max_steps=5, min_steps=5, check_every=5, n_prefixes=2, negatives_per_step=2,
+                     variants_per_step=2, learning_rate=0.05)
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, layer, cfg)
+    editor.state.prefixes, editor.state.negatives = list(PREFIXES), list(NEGATIVES)
+    sess.mem.scale = torch.tensor(editor.measure_scale(NEGATIVES))
+    # a subject in the prompt adds near-miss rows (row_edit -2) to the batch
+    edits = [RECORDS[0].__class__(**{**RECORDS[0].__dict__, "subject": "france"}), *RECORDS[1:]]
+    batch, row_edit = editor.shard_batch(edits)
+    assert (row_edit == -2).any() and (row_edit == -1).sum() == len(NEGATIVES)
+    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
+    mask = shard_mask(base.shape, 0.5, seed=3)
+
+    calls = {"n": 0}
+    handle = sess.blocks[0].register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        fast = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg,
+                           fast=True)
+        fast_calls = calls["n"]
+        full = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg,
+                           fast=False)
+        full_calls = calls["n"] - fast_calls
+    finally:
+        handle.remove()
+    assert fast_calls == 1                 # the lower blocks ran once, to record their output
+    assert full_calls == cfg.max_steps     # the reference runs them every step
+    assert fast.steps == full.steps == 5
+    assert fast.delta.norm() > 0
+    assert not fast.delta[~mask].any()     # the update lives under the shard's mask only
+    rel = (fast.delta - full.delta).norm() / fast.delta.norm()
+    assert rel.item() <= 1e-4
+    assert fast.loss == pytest.approx(full.loss, rel=1e-4)
+    # the model is left as it was found
+    assert sess.mem.train_delta is None and sess.mem.token_mask is None
+    assert all(type(b).__name__ != "_Replay" for b in sess.blocks)
+
+
+# ---- a lifelong run: learn, save, reload ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def edited(request, single_thread):
+    """A session with the three test edits trained in (merge mode), shared by this module."""
+    sess = open_model(str(_dir(request, request.param)), device="cpu")
+    cfg = WiseConfig(**LEARN)
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    placed = editor.apply(RECORDS)
+    return sess, cfg, editor, placed
+
+
+def test_editor_learns_edits(edited):
+    sess, cfg, editor, placed = edited
+    assert [p["id"] for p in placed] == [r.id for r in RECORDS]
+    assert all(p["memory"] == 0 for p in placed)
+    assert sess.mem.n_memories == 1 and sess.mem.thresholds.shape == (1,)
+    assert float(sess.mem.thresholds[0]) == pytest.approx(cfg.act_ratio * float(sess.mem.min_edit_scores[0]))
+    assert len(editor.state.prefixes) == 2 and len(editor.state.negatives) == 4
+    report = evaluate(sess.model, sess.tokenizer, sess.mem, RECORDS, generate=False)
+    assert report.reliability >= 0.66
+    assert all(e.routed for e in report.edits)
+    for v in (report.generalization, report.locality):
+        assert v is None or 0.0 <= v <= 1.0
+
+
+def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
+    sess, cfg, editor, placed = edited
+    out = tmp_path / "patched"
+    manifest = _manifest(sess, cfg, editor, RECORDS, placed, None, Path("edits.jsonl"), 1.0)
+    write_checkpoint(out, base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()), manifest=manifest)
+    assert {"wise.json", "wise.safetensors", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+
+    again = open_model(str(out), device="cpu")
+    assert again.manifest is not None and again.target == sess.target
+    for name, t in sess.mem.wise_state().items():
+        assert torch.equal(again.mem.wise_state()[name], t), name
+    for text in (RECORDS[0].prompt, RECORDS[2].prompt, UNEDITED):
+        want, got = _logits(sess.model, sess.tokenizer, [text]), _logits(again.model, again.tokenizer, [text])
+        assert torch.equal(got, want), text
+        assert torch.equal(_route(again, text), _route(sess, text)), text
+    assert int(_route(again, RECORDS[0].prompt)) == 0
+    # the JSON half: a later run continues with the same prefixes, negatives and settings
+    st = editor_state(again)
+    assert (st.prefixes, st.negatives, st.shards_trained) == \
+        (editor.state.prefixes, editor.state.negatives, editor.state.shards_trained)
+    assert session_config(again, None, {}) == cfg.replace(layer=sess.target.layer)
+    assert [e["id"] for e in again.manifest["edits"]] == [r.id for r in RECORDS]
+
+
+# ---- retrieve mode -------------------------------------------------------------------
+
+
+def test_retrieve_mode_one_memory_per_merge_group(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    cfg = WiseConfig(**{**LEARN, "mode": "retrieve", "edits_per_shard": 1, "shards_per_merge": 2})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    placed = editor.apply(RECORDS)  # shards [e1] [e2] [e3] -> groups [e1 e2] [e3]
+    assert sess.mem.n_memories == 2
+    assert sess.mem.thresholds.shape == sess.mem.min_edit_scores.shape == (2,)
+    assert [p["memory"] for p in placed] == [0, 0, 1]
+    assert [p["shard"] for p in placed] == [0, 1, 2]
+    assert editor.state.memory_edit_counts == [2, 1]
+    assert editor.state.shards_trained == 3
+    for rec in RECORDS:
+        assert int(_route(sess, rec.prompt)) != NO_MEMORY, rec.id
+
+
+# ---- routing per example --------------------------------------------------------------
+
+
+def _hand_set_memory(sess, a: str, b: str) -> tuple[float, float]:
+    """One random side memory whose threshold sits between the scores of prompts a and b."""
+    mem = sess.mem
+    g = torch.Generator().manual_seed(0)
+    mem.memories = torch.randn(1, mem.out_features, mem.in_features, generator=g) * 0.1
+    mem.min_edit_scores = torch.zeros(1)
+    mem.thresholds = torch.zeros(1)
+    scores = []
+    for text in (a, b):
+        _logits(sess.model, sess.tokenizer, [text])
+        scores.append(float(mem.last_scores[0, 0]))
+    assert abs(scores[0] - scores[1]) > 1e-3 * max(scores)
+    mem.thresholds = torch.tensor([sum(scores) / 2])
+    return scores[0], scores[1]
+
+
+def test_routing_is_per_example(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    sa, sb = _hand_set_memory(sess, a, b)
+    want = [0 if sa > sb else NO_MEMORY, 0 if sb > sa else NO_MEMORY]
+
+    batch = encode_pairs(sess.tokenizer, [a, b], [None, None])
+    assert (batch.attention_mask == 0).any()  # one row is padded
+    both = _logits(sess.model, sess.tokenizer, [a, b])
+    assert sess.mem.last_route.tolist() == want
+    with main_memory_only(sess.mem):
+        base = _logits(sess.model, sess.tokenizer, [a, b])
+    for i, text in enumerate((a, b)):
+        alone = _logits(sess.model, sess.tokenizer, [text])[0]
+        assert sess.mem.last_route.tolist() == [want[i]]
+        n = alone.shape[0]
+        torch.testing.assert_close(both[i, -n:], alone, rtol=1e-4, atol=1e-5)
+        if want[i] == NO_MEMORY:   # the unrouted row is the unedited model
+            torch.testing.assert_close(both[i, -n:], base[i, -n:], rtol=1e-4, atol=1e-5)
+        else:                      # the routed row really went through the side memory
+            assert (both[i, -n:] - base[i, -n:]).abs().max() > 1e-3
+
+
+def test_route_on_scores_the_query_only(model_dir):
+    """Teacher-forced answer tokens never change the routing decision."""
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    _hand_set_memory(sess, a, b)
+    batch = encode_pairs(sess.tokenizer, [a, a], ["rome", "the old king of italy and spain"])
+    with torch.no_grad():
+        sess.mem.last_route = None
+        _logits(sess.model, sess.tokenizer, [a])
+        alone = sess.mem.last_route.clone()
+        with route_on(sess.mem, batch.query_mask):
+            sess.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids)
+    assert sess.mem.last_route.tolist() == alone.tolist() * 2
+
+
+# ---- generation holds the prompt's decision ------------------------------------------------
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    _hand_set_memory(sess, a, b)
+    tok = sess.tokenizer
+    enc = tok([a, b], return_tensors="pt", padding=True, return_token_type_ids=False)
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        sess.model(**enc, position_ids=position_ids)
+    plain = sess.mem.last_route.clone()
+    assert sorted(plain.tolist()) == [NO_MEMORY, 0]  # one row routes, one does not
+
+    real = memory_module.choose_memory
+    calls: list[int] = []
+
+    def counting(scores, thresholds):
+        calls.append(scores.shape[-1])
+        return real(scores, thresholds)
+
+    monkeypatch.setattr(memory_module, "choose_memory", counting)
+    sess.mem.hold = hold
+    new_tokens = 4
+    with torch.no_grad():
+        sess.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=tok.pad_token_id)
+    if hold:
+        assert len(calls) == 1                      # decided once, on the prompt
+        assert torch.equal(sess.mem.held_route, plain)
+        assert torch.equal(sess.mem.last_route, plain)  # and used for the last generated token
+    else:
+        assert len(calls) == new_tokens             # the control: every step re-decides
