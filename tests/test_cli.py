@@ -377,11 +377,9 @@ def test_script_usage_error_exits_2(tmp_path, tiny_llama_dir, env):
     assert "--min-reliability" in res.stderr and "Traceback" not in res.stderr
 
 
-# ---- known bugs (see the report that came with these tests) ---------------------------------
+# ---- regressions ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="session_config passes the saved config as overrides, so they beat "
-                          "the --config file when continuing a checkpoint")
 def test_config_file_applies_when_continuing_a_checkpoint(patched, files, tmp_path):
     cfg = tmp_path / "second.yaml"
     cfg.write_text(CONFIG.replace("max_steps: 10", "max_steps: 7"))
@@ -392,7 +390,6 @@ def test_config_file_applies_when_continuing_a_checkpoint(patched, files, tmp_pa
     assert m["runs"][1]["config"]["max_steps"] == 7
 
 
-@pytest.mark.xfail(reason="main() prints the message as rich markup: brackets vanish or crash it")
 @pytest.mark.parametrize("name, text, piece", [
     ("e[v2].jsonl", '{"prompt": "the king"}\n', "e[v2].jsonl:1"),
     ("edits.jsonl", '{"prompt": "the king", "target_new": "rome", "portability": ["[/b]"]}\n', "[/b]"),

@@ -146,9 +146,11 @@ def from_dict(data: dict[str, Any], where: str = "config") -> WiseConfig:
 
 
 def load_config(path: str | Path | None, model_type: str | None = None,
-                overrides: dict[str, Any] | None = None) -> WiseConfig:
-    """Defaults, then the architecture preset, then the YAML file, then CLI overrides."""
-    data: dict[str, Any] = dict(PRESETS.get(model_type or "", {}))
+                overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> WiseConfig:
+    """Defaults (or ``base``, a checkpoint's settings), then the architecture preset,
+    then the YAML file, then CLI overrides."""
+    data: dict[str, Any] = dict(base) if base is not None else dict(PRESETS.get(model_type or "", {}))
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -78,6 +78,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     if tensors is not None:
         _check_state(tensors, target, Path(spec))
         mem.load_wise_state(tensors)
+        mem.hold = bool(manifest["config"].get("hold_routing", True))
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
                    time.perf_counter() - t0)
@@ -101,7 +102,7 @@ def session_config(sess: Session, config_file: str | None, overrides: dict[str, 
         if key in fixed and value is not None and value != fixed[key]:
             raise ConfigError(f"--{key} {value} differs from the checkpoint's {fixed[key]}",
                               hint="side memories of one checkpoint share one mode and layer")
-    cfg = load_config(config_file, None, {**saved.to_dict(), **overrides}) if config_file \
+    cfg = load_config(config_file, None, overrides, base=saved.to_dict()) if config_file \
         else saved.replace(**overrides)
     if cfg.mode != saved.mode:
         raise ConfigError(f"config mode '{cfg.mode}' differs from the checkpoint's '{saved.mode}'")

@@ -5,6 +5,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 from typer.exceptions import TyperException
 
 from ..errors import WiseError
@@ -54,9 +55,9 @@ def main() -> None:
     except WiseError as exc:
         if debug:
             raise
-        console.err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         if exc.hint:
-            console.err.print(f"[dim]hint: {exc.hint}[/dim]", highlight=False)
+            console.err.print(f"[dim]hint: {escape(exc.hint)}[/dim]", highlight=False)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.err.print("aborted")

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 out = Console()
@@ -20,7 +21,7 @@ def print_json(obj: Any) -> None:
 
 def status(message: str, quiet: bool = False) -> None:
     if not quiet:
-        err.print(f"[dim]{message}[/dim]", highlight=False)
+        err.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
 
 @contextmanager

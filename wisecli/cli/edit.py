@@ -58,6 +58,7 @@ def edit(
     sess = open_model(str(model), device=device, dtype=dtype, layer=layer, module_path=module_path,
                       device_map=device_map, progress=lambda m: console.status(m, quiet))
     cfg = session_config(sess, str(config) if config else None, {"mode": mode, "layer": layer, "seed": seed})
+    sess.mem.hold = cfg.hold_routing
     console.status(f"loaded {sess.origin} ({sess.target.model_type}, {sess.device}, {str(sess.dtype).replace('torch.', '')}) "
                    f"in {sess.load_seconds:.1f}s; side memory at {sess.target.module_path}", quiet)
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg,

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.text import Text
 
 from ..session import open_model
 from ..wise.memory import route_names
@@ -42,5 +43,5 @@ def generate(
         console.print_json({"model": str(model), "generations": rows})
         return
     for row in rows:
-        console.out.print(f"[bold]{row['prompt']}[/bold]{row['completion']}", highlight=False)
+        console.out.print(Text(row["prompt"], style="bold") + Text(row["completion"]))
         console.err.print(f"[dim]  memory: {row['memory']}[/dim]")

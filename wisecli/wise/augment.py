@@ -40,7 +40,8 @@ def _sample(model: nn.Module, tokenizer, seeds: list[str], max_new_tokens: int,
                              min_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [" ".join((s + t).split()) for s, t in zip(seeds, texts)]
+    # Some decoders drop the space that began the continuation: put it back.
+    return [" ".join((s + (t if t[:1] in (" ", "") else " " + t)).split()) for s, t in zip(seeds, texts)]
 
 
 def generate_prefixes(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
