@@ -38,8 +38,8 @@ PREFIXES = ["the old king .", "a big sea ."]
 NEGATIVES = ["the river of germany", "my song is red", "who plays music", "the moon and the sun"]
 UNEDITED = "the green lake and the small mountain"
 # Enough steps and a dense enough mask that a random 4-layer model learns all three edits.
-LEARN = dict(learning_rate=0.05, max_steps=60, mask_ratio=0.5, n_prefixes=2, n_negatives=4,
-             negative_length=4, negatives_per_step=4)
+LEARN = dict(optimizer="adam", learning_rate=0.05, max_steps=60, mask_ratio=0.5, n_prefixes=2, n_negatives=4,
+             negative_lengths=(4,), negatives_per_step=4)
 
 
 @pytest.fixture(params=ARCHS)
@@ -85,7 +85,7 @@ def test_zero_memories_is_the_unwrapped_model(model_dir):
 def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
-    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale"}
+    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k

@@ -44,7 +44,12 @@ class WiseConfig:
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
     margin_weight: float = 1.0
     # Optimisation of one shard.
-    learning_rate: float = 0.005
+    # SGD, not Adam: SGD's update is a sum of (gradient ⊗ activation) outer products, so
+    # the side memory answers the edits' activations and stays small on everything
+    # else; Adam moves every masked weight by ~lr and the memory then answers all inputs.
+    optimizer: str = "sgd"
+    learning_rate: float = 3.0
+    momentum: float = 0.0
     max_steps: int = 50
     min_steps: int = 5
     weight_decay: float = 0.0
@@ -57,11 +62,18 @@ class WiseConfig:
     variants_per_step: int = 3
     prefix_lengths: tuple[int, ...] = (5, 10)
     # Irrelevant prompts for the router's margin loss.
-    n_negatives: int = 40
+    # Generated in several lengths: short ones look like prompts that await a fact,
+    # which is what the router most needs to stay quiet on.  Irrelevant rows cost one
+    # matmul per step (their activations are recorded), so all of them can be used.
+    n_negatives: int = 60
     # Near misses per edit: its prompt about another subject (see augment.neighbours).
     n_neighbours: int = 4
-    negatives_per_step: int = 10
-    negative_length: int = 16
+    negatives_per_step: int = 60
+    negative_lengths: tuple[int, ...] = (3, 6, 12)
+    # How the router pools ‖D a_t‖ over the prompt: "max" or "mean" (the paper's).
+    score_pooling: str = "max"
+    # Directions of irrelevant text's activations that side memories ignore (0: none).
+    null_space_rank: int = 128
     # Routing for free generation: decide from the prompt, hold for new tokens.
     hold_routing: bool = True
     seed: int = 0
@@ -73,21 +85,27 @@ class WiseConfig:
         for name in ("edits_per_shard", "shards_per_merge", "max_steps", "check_every", "n_negatives",
                      "variants_per_step"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("min_steps", "n_prefixes", "negatives_per_step", "n_neighbours"):
+        for name in ("min_steps", "n_prefixes", "negatives_per_step", "n_neighbours", "null_space_rank"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")
         _check(0.0 < self.ties_density <= 1.0, "ties_density", "must be in (0, 1]")
         _check(0.0 < self.act_ratio <= 1.0, "act_ratio", "must be in (0, 1]")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
+        _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")
+        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(self.old_memory_weight >= 0, "old_memory_weight", "must be >= 0")
         _check(self.margin_edit > self.margin_irrelevant, "margin_edit",
                "must be larger than margin_irrelevant")
-        _check(len(self.prefix_lengths) > 0 and all(n > 0 for n in self.prefix_lengths),
-               "prefix_lengths", "must be a non-empty list of positive token counts")
+        for name in ("prefix_lengths", "negative_lengths"):
+            lengths = getattr(self, name)
+            _check(len(lengths) > 0 and all(n > 0 for n in lengths), name,
+                   "must be a non-empty list of positive token counts")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["prefix_lengths"] = list(self.prefix_lengths)
+        out["negative_lengths"] = list(self.negative_lengths)
         return out
 
     def replace(self, **changes: Any) -> "WiseConfig":

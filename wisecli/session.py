@@ -79,6 +79,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         _check_state(tensors, target, Path(spec))
         mem.load_wise_state(tensors)
         mem.hold = bool(manifest["config"].get("hold_routing", True))
+        mem.pooling = manifest["config"].get("score_pooling", "mean")
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
                    time.perf_counter() - t0)

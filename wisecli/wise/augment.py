@@ -60,10 +60,15 @@ def generate_prefixes(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
 
 
 def generate_negatives(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
-                       length: int, seed: int) -> list[str]:
+                       lengths: tuple[int, ...], seed: int) -> list[str]:
     seeds = [NEGATIVE_SEEDS[j % len(NEGATIVE_SEEDS)] for j in range(n)]
+    out: list[str] = []
     with main_memory_only(mem):
-        return _sample(model, tokenizer, seeds, length, seed + 101)
+        for i, length in enumerate(lengths):
+            chunk = seeds[i::len(lengths)]
+            if chunk:
+                out += _sample(model, tokenizer, chunk, length, seed + 101 + i)
+    return out
 
 
 def with_prefix(prefix: str, prompt: str) -> str:

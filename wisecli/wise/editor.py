@@ -19,7 +19,7 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
-from .maths import merge_ties, scored_tokens, shard_mask
+from .maths import common_basis, merge_ties, scored_tokens, shard_mask
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, ShardResult, _Stop, train_shard
 
@@ -53,6 +53,7 @@ class WiseEditor:
         self.state = state or EditorState()
         self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
+        mem.pooling, mem.hold = cfg.score_pooling, cfg.hold_routing
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -67,7 +68,7 @@ class WiseEditor:
                                             cfg.prefix_lengths, cfg.seed)
         if not st.negatives:
             st.negatives = generate_negatives(self.model, self.tok, self.mem, cfg.n_negatives,
-                                              cfg.negative_length, cfg.seed)
+                                              cfg.negative_lengths, cfg.seed)
             st.negatives_source = "generated"
         if self.mem.n_memories == 0 and st.shards_trained == 0:
             self.mem.scale = torch.tensor(self.measure_scale(st.negatives), device=self.device)
@@ -77,17 +78,22 @@ class WiseEditor:
         """Median ‖W a_t‖ over the tokens of neutral text: the unit of router scores.
 
         The median, not the mean: a few tokens carry activations 100x the rest.
+        Also sets the layer's null-space basis from the same activations.
         """
         batch = encode_pairs(self.tok, texts, [None] * len(texts)).to(self.device)
         seen: list[torch.Tensor] = []
-        handle = self.mem.base_layer.register_forward_hook(lambda _m, _i, o: seen.append(o))
+        handle = self.mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         try:
             with main_memory_only(self.mem):
                 self._run_to_layer(batch)
         finally:
             handle.remove()
-        norms = seen[0].float().norm(dim=-1)
-        keep = scored_tokens(batch.attention_mask, norms) > 0
+        acts = seen[0].float()
+        keep = scored_tokens(batch.attention_mask, acts[..., 0]) > 0
+        # Never more than an eighth of the space: the rest must stay free for the edits.
+        rank = min(self.cfg.null_space_rank, self.mem.in_features // 8)
+        self.mem.basis = common_basis(acts[keep], rank).to(self.device)
+        norms = self.mem.base_layer(seen[0]).float().norm(dim=-1)
         return float(norms[keep].median().clamp_min(1e-6))
 
     def _run_to_layer(self, batch: Batch) -> None:

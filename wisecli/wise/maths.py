@@ -12,14 +12,20 @@ import torch.nn.functional as F
 NO_MEMORY = -1  # route index meaning "main memory"
 
 
-def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Router score Δ(x) = mean over the prompt's tokens of ‖D a_t‖₂.
+def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None,
+                     pooling: str = "mean") -> torch.Tensor:
+    """Router score Δ(x): ‖D a_t‖₂ pooled over the prompt's tokens.
 
     delta_out: (B, T, d_out) = D a_t for each token; token_mask: (B, T), 1 for the
-    tokens that count (the prompt; never padding).  Returns (B,).
+    tokens that count (the prompt; never padding).  Returns (B,).  ``mean`` is the
+    paper's; ``max`` is not diluted by a long context before the question, nor by
+    template words every prompt of a relation shares.
     """
     norms = delta_out.float().norm(dim=-1)  # (B, T)
-    return (norms * (m := scored_tokens(token_mask, norms))).sum(-1) / m.sum(-1).clamp_min(1.0)
+    m = scored_tokens(token_mask, norms)
+    if pooling == "max":
+        return (norms * m).amax(dim=-1)
+    return (norms * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
 def scored_tokens(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -33,6 +39,29 @@ def scored_tokens(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.
     first = (m.cumsum(-1) == 1) & (m > 0)
     drop = first & (m.sum(-1, keepdim=True) > 1)
     return m.masked_fill(drop, 0.0)
+
+
+def project_out(acts: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """a − U Uᵀ a: drop the directions that irrelevant text's activations share.
+
+    FFN activations of any two tokens share a large common part; a side memory
+    trained on edits answers that part too, so every prompt would score as an edit.
+    Reading only what lies outside the irrelevant text's top singular directions
+    (the null-space idea of AlphaEdit, applied to the router) leaves the memory
+    silent on ordinary text and keeps the subject-specific part of an edit prompt.
+    """
+    if basis.shape[-1] == 0:
+        return acts
+    return acts - (acts @ basis) @ basis.T
+
+
+def common_basis(acts: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of (N, d_in) activations, as a (d_in, r) basis."""
+    rank = min(rank, acts.shape[0], acts.shape[1])
+    if rank == 0:
+        return acts.new_zeros(acts.shape[1], 0)
+    _, _, vh = torch.linalg.svd(acts.float(), full_matrices=False)
+    return vh[:rank].T.contiguous()
 
 
 def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import NO_MEMORY, activation_score, choose_memory
+from .maths import NO_MEMORY, activation_score, choose_memory, project_out
 
 
 class SideMemoryLayer(nn.Module):
@@ -37,11 +37,15 @@ class SideMemoryLayer(nn.Module):
         self.register_buffer("min_edit_scores", torch.zeros(0, device=dev))
         # Typical ‖W a_t‖ at this layer: the unit of all router scores and margins.
         self.register_buffer("scale", torch.ones((), device=dev))
+        # (d_in, r) orthonormal basis of what irrelevant text's activations share; side
+        # memories read only the part of a_t outside it (see maths.project_out).
+        self.register_buffer("basis", torch.zeros(in_features, 0, device=dev))
         # Transient, never saved: set by the trainer and the routing context.
         self.train_delta: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
         self.decoding = False
         self.hold = True
+        self.pooling = "mean"  # set from WiseConfig.score_pooling
         self.enabled = True
         self.held_route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
@@ -50,11 +54,11 @@ class SideMemoryLayer(nn.Module):
     # ---- state ---------------------------------------------------------------
     def wise_state(self) -> dict[str, torch.Tensor]:
         return {"memories": self.memories, "thresholds": self.thresholds,
-                "min_edit_scores": self.min_edit_scores, "scale": self.scale}
+                "min_edit_scores": self.min_edit_scores, "scale": self.scale, "basis": self.basis}
 
     def load_wise_state(self, state: dict[str, torch.Tensor]) -> None:
         dev = self.memories.device
-        for name in ("memories", "thresholds", "min_edit_scores", "scale"):
+        for name in ("memories", "thresholds", "min_edit_scores", "scale", "basis"):
             setattr(self, name, state[name].to(device=dev, dtype=torch.float32).clone())
 
     @property
@@ -71,12 +75,12 @@ class SideMemoryLayer(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # a: (B, T, d_in)
         out = self.base_layer(a)  # (B, T, d_out)
         if self.train_delta is not None:
-            delta_out = F.linear(a.float(), self.train_delta)
-            self.last_scores = activation_score(delta_out, self._mask_for(a.shape[1])) / self.scale
+            delta_out = F.linear(project_out(a.float(), self.basis), self.train_delta)
+            self.last_scores = activation_score(delta_out, self._mask_for(a.shape[1]), self.pooling) / self.scale
             return out + delta_out.to(out.dtype)
         if not self.enabled or self.n_memories == 0:
             return out
-        a32 = a.float()
+        a32 = project_out(a.float(), self.basis)
         if self.decoding and self.hold and self.held_route is not None \
                 and self.held_route.shape[0] == a.shape[0]:
             route = self.held_route
@@ -84,7 +88,7 @@ class SideMemoryLayer(nn.Module):
         else:
             deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
             mask = self._mask_for(a.shape[1])
-            scores = torch.stack([activation_score(d, mask) for d in deltas]) / self.scale  # (K, B)
+            scores = torch.stack([activation_score(d, mask, self.pooling) for d in deltas]) / self.scale  # (K, B)
             route = choose_memory(scores, self.thresholds)
             self.last_scores = scores
             self.held_route = route

@@ -15,10 +15,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..batching import Batch
 from ..config import WiseConfig
-from .maths import margin_loss, target_accuracy, target_nll
+from .maths import activation_score, margin_loss, project_out, target_accuracy, target_nll
 from .memory import SideMemoryLayer
 
 
@@ -74,23 +75,38 @@ def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return logits[:, -batch.logits_to_keep:]
 
 
-def record_block_output(model: nn.Module, blocks: nn.ModuleList, layer: int, batch: Batch) -> Any:
-    """Run the model up to block ``layer - 1`` and return that block's output."""
-    store: dict[str, Any] = {}
+@dataclass
+class Recorded:
+    """What does not change while τ trains: recorded once per shard."""
 
-    def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
-        store["output"] = output
+    block_out: Any          # output of block L-1 for every row (None when L == 0)
+    acts: torch.Tensor      # (R, T, d_in) input of the projection at layer L, every row
+
+
+def record_inputs(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer, layer: int,
+                  batch: Batch) -> Recorded:
+    """One forward pass that stops at the side-memory layer, keeping its inputs."""
+    store: dict[str, Any] = {"block_out": None}
+
+    def keep_block(_m: nn.Module, _inp: Any, output: Any) -> None:
+        store["block_out"] = output
+
+    def keep_acts(_m: nn.Module, args: tuple) -> None:
+        store["acts"] = args[0].detach()
         raise _Stop
 
-    handle = blocks[layer - 1].register_forward_hook(hook)
+    handles = [mem.register_forward_pre_hook(keep_acts)]
+    if layer > 0:
+        handles.append(blocks[layer - 1].register_forward_hook(keep_block))
     try:
         with torch.no_grad():
-            model(**_model_inputs(batch), logits_to_keep=1)
+            model(**_model_inputs(batch))
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return store["output"]
+        for h in handles:
+            h.remove()
+    return Recorded(store["block_out"], store["acts"])
 
 
 @contextmanager
@@ -106,15 +122,49 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
             blocks[i] = blk
 
 
+def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
+                  sub: Batch, delta: torch.Tensor, block_out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer logits and router scores of some rows with ``delta`` as the side memory.
+
+    With ``block_out`` the blocks below L are replayed from the recording, so only
+    blocks L..N run; without it this is the plain full forward (the reference).
+    """
+    mem.train_delta = delta
+    mem.token_mask, mem._explicit_mask = sub.query_mask, True
+    try:
+        if block_out is not None:
+            with replay_lower_blocks(blocks, layer, {"output": block_out}):
+                logits = forward_logits(model, sub)
+        else:
+            logits = forward_logits(model, sub)
+        return logits, mem.last_scores
+    finally:
+        mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
+
+
+def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch.Tensor,
+               cfg: WiseConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's rows: each edit's bare prompt plus random prefixed copies; every
+    near miss; a random sample of the generic irrelevant prompts."""
+    dev = edit_rows.device
+    n_var = edit_rows.shape[1]
+    cols = torch.cat([torch.zeros(1, dtype=torch.long),
+                      1 + torch.randperm(n_var - 1, generator=gen)[: cfg.variants_per_step - 1]])
+    pick = torch.randperm(irr_rows.numel(), generator=gen)[: cfg.negatives_per_step]
+    return edit_rows[:, cols.to(dev)].reshape(-1), torch.cat([near_rows, irr_rows[pick.to(dev)]])
+
+
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, fast: bool = True,
                 progress: Callable[[int, float, int], None] | None = None) -> ShardResult:
     """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits.
 
-    batch: every training row (edit rows with prefixes, then irrelevant rows);
-    row_edit: (R,) the edit index of each row, -1 for irrelevant rows.  Leaves the
-    model as it found it (``mem.train_delta`` cleared, blocks restored).
+    batch: every training row (edit rows, prefixed copies, then irrelevant rows);
+    row_edit: (R,) the edit index of each row, IRRELEVANT / NEAR_MISS otherwise.
+    Irrelevant rows need only their router score, ‖D a_t‖, and a_t does not depend
+    on D: their a_t are recorded once and scored with one matmul per step instead
+    of a forward pass.  Leaves the model as it found it.
     """
     t0 = time.perf_counter()
     dev = base_delta.device
@@ -126,44 +176,32 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
     near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
     tau = torch.zeros_like(base_delta, requires_grad=True)
-    opt = torch.optim.Adam([tau], lr=cfg.learning_rate)
+    opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
+        if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    holder: dict[str, Any] = {}
-    recorded = record_block_output(model, blocks, layer, batch) if fast and layer > 0 else None
+    rec = record_inputs(model, blocks, mem, layer, batch) if fast else None
     active = torch.ones(n_edits, dtype=torch.bool, device=dev)
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
-        n_var = edit_rows.shape[1]
-        cols = torch.cat([torch.zeros(1, dtype=torch.long),
-                          1 + torch.randperm(n_var - 1, generator=gen)[: cfg.variants_per_step - 1]])
-        n_irr = min(cfg.negatives_per_step, irr_rows.numel())
-        pick = irr_rows[torch.randperm(irr_rows.numel(), generator=gen)[:n_irr].to(dev)]
-        idx = torch.cat([edit_rows[:, cols.to(dev)].reshape(-1), near_rows, pick])
-        sub, sub_edit = batch.rows(idx), row_edit[idx]
-        mem.train_delta = base_delta + tau * mask
-        mem.token_mask, mem._explicit_mask = sub.query_mask, True
-        try:
-            if recorded is not None:
-                holder["output"] = _map_rows(recorded, idx, n_rows)
-                with replay_lower_blocks(blocks, layer, holder):
-                    logits = forward_logits(model, sub)
-            else:
-                logits = forward_logits(model, sub)
-            scores = mem.last_scores
-        finally:
-            mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
-        labels = sub.kept_labels()
-        is_edit = sub_edit >= 0
+        e_idx, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
+        delta = base_delta + tau * mask
+        if fast:
+            block_out = _map_rows(rec.block_out, e_idx, n_rows) if layer > 0 else None
+            logits, e_scores = _edit_forward(model, mem, blocks, layer, batch.rows(e_idx), delta, block_out)
+            i_out = F.linear(project_out(rec.acts[i_idx], mem.basis), delta)
+            i_scores = activation_score(i_out, batch.query_mask[i_idx], mem.pooling) / mem.scale
+        else:
+            both = torch.cat([e_idx, i_idx])
+            logits, scores = _edit_forward(model, mem, blocks, layer, batch.rows(both), delta, None)
+            logits, e_scores, i_scores = logits[: e_idx.numel()], scores[: e_idx.numel()], scores[e_idx.numel():]
+        labels, sub_edit = batch.labels[e_idx][:, -logits.shape[1]:], row_edit[e_idx]
         nll = target_nll(logits, labels)
         _, row_ok = target_accuracy(logits.detach(), labels)
         # An edit stops contributing once every one of its rows is right; it comes back if it slips.
-        wrong = torch.zeros(n_edits, device=dev).index_add_(
-            0, sub_edit[is_edit], (~row_ok[is_edit]).float())
-        active = wrong > 0
-        weight = active[sub_edit.clamp_min(0)] & is_edit
+        active = torch.zeros(n_edits, device=dev).index_add_(0, sub_edit, (~row_ok).float()) > 0
+        weight = active[sub_edit].float()
         ce = (nll * weight).sum() / weight.sum().clamp_min(1)
-        m_loss = margin_loss(scores[is_edit], scores[~is_edit], cfg.margin_irrelevant,
-                             cfg.margin_edit, cfg.margin_gap)
+        m_loss = margin_loss(e_scores, i_scores, cfg.margin_irrelevant, cfg.margin_edit, cfg.margin_gap)
         loss = ce + cfg.margin_weight * m_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,10 +211,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
                 tau.mul_(1 - cfg.learning_rate * cfg.weight_decay)  # τ is zero off the mask
         if step % cfg.check_every == 0 or step == cfg.max_steps:
             # The only host syncs of the loop, once every check_every steps.
-            loss_val = float(loss.detach())
-            n_active = int(active.sum())
-            separated = bool(scores[~is_edit].max() < cfg.act_ratio * scores[is_edit].min()) \
-                if (~is_edit).any() else True
+            loss_val, n_active = float(loss.detach()), int(active.sum())
+            separated = i_scores.numel() == 0 or bool(i_scores.max() < cfg.act_ratio * e_scores.min())
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and separated:
