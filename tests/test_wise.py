@@ -23,6 +23,7 @@ from wisecli.session import editor_state, open_model, session_config
 from wisecli.wise.editor import WiseEditor
 from wisecli.wise.maths import NO_MEMORY, shard_mask
 from wisecli.wise.memory import SideMemoryLayer, main_memory_only, route_on
+from wisecli.bench.reference import reference_forward
 from wisecli.wise.train import train_shard
 
 from conftest import EDITS
@@ -114,11 +115,10 @@ def test_fast_path_equals_full_forward_reference(request, arch, layer):
     calls = {"n": 0}
     handle = sess.blocks[0].register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     try:
-        fast = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg,
-                           fast=True)
+        fast = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg)
         fast_calls = calls["n"]
         full = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg,
-                           fast=False)
+                           forward=reference_forward(sess.model, sess.mem, batch))
         full_calls = calls["n"] - fast_calls
     finally:
         handle.remove()

@@ -123,7 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama": {"layer_fraction": 0.8},
     "mistral": {"layer_fraction": 0.8},
     "qwen2": {"layer_fraction": 0.8},
-    "gemma3_text": {"layer_fraction": 0.8},
+    # Gemma normalises the FFN output (post_feedforward_layernorm), which amplifies a
+    # delta's effect: a smaller step keeps nearby facts (locality 0.75 -> 0.88 on the demo).
+    "gemma3_text": {"layer_fraction": 0.8, "learning_rate": 1.0},
     "gpt2": {"layer_fraction": 0.75},
     "gptj": {"layer_fraction": 0.75},
     "gpt_neox": {"layer_fraction": 0.75},

@@ -122,13 +122,14 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
             blocks[i] = blk
 
 
+RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(edit rows, irrelevant rows, delta) -> (answer logits, edit scores, irrelevant scores)."""
+
+
 def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                   sub: Batch, delta: torch.Tensor, block_out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer logits and router scores of some rows with ``delta`` as the side memory.
-
-    With ``block_out`` the blocks below L are replayed from the recording, so only
-    blocks L..N run; without it this is the plain full forward (the reference).
-    """
+    """Answer logits and router scores of edit rows, only blocks L..N running."""
     mem.train_delta = delta
     mem.token_mask, mem._explicit_mask = sub.query_mask, True
     try:
@@ -140,6 +141,26 @@ def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList,
         return logits, mem.last_scores
     finally:
         mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
+
+
+def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
+                 batch: Batch) -> RowsForward:
+    """The product path: lower blocks replayed, irrelevant rows scored from recorded a_t.
+
+    Irrelevant rows need only their router score, ‖D a_t‖, and a_t does not depend
+    on D: it is recorded once and scored with one matmul per step instead of a
+    forward pass.
+    """
+    rec = record_inputs(model, blocks, mem, layer, batch)
+    n_rows = batch.input_ids.shape[0]
+
+    def run(e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
+        block_out = _map_rows(rec.block_out, e_idx, n_rows) if layer > 0 else None
+        logits, e_scores = _edit_forward(model, mem, blocks, layer, batch.rows(e_idx), delta, block_out)
+        i_out = F.linear(project_out(rec.acts[i_idx], mem.basis), delta)
+        i_scores = activation_score(i_out, batch.query_mask[i_idx], mem.pooling) / mem.scale
+        return logits, e_scores, i_scores
+    return run
 
 
 def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch.Tensor,
@@ -156,20 +177,18 @@ def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch
 
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
-                mask: torch.Tensor, cfg: WiseConfig, *, fast: bool = True,
+                mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
                 progress: Callable[[int, float, int], None] | None = None) -> ShardResult:
     """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits.
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
     row_edit: (R,) the edit index of each row, IRRELEVANT / NEAR_MISS otherwise.
-    Irrelevant rows need only their router score, ‖D a_t‖, and a_t does not depend
-    on D: their a_t are recorded once and scored with one matmul per step instead
-    of a forward pass.  Leaves the model as it found it.
+    ``forward`` computes a step's logits and scores (default: ``fast_forward``; the
+    benchmark passes its full-forward reference).  Leaves the model as it found it.
     """
     t0 = time.perf_counter()
     dev = base_delta.device
     batch, row_edit, mask = batch.to(dev), row_edit.to(dev), mask.to(dev)
-    n_rows = batch.input_ids.shape[0]
     n_edits = int(row_edit.max().item()) + 1
     # Edit rows come first, edit by edit, each edit with the same number of variants.
     edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V)
@@ -179,21 +198,12 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rec = record_inputs(model, blocks, mem, layer, batch) if fast else None
+    run = forward or fast_forward(model, mem, blocks, layer, batch)
     active = torch.ones(n_edits, dtype=torch.bool, device=dev)
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
         e_idx, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
-        delta = base_delta + tau * mask
-        if fast:
-            block_out = _map_rows(rec.block_out, e_idx, n_rows) if layer > 0 else None
-            logits, e_scores = _edit_forward(model, mem, blocks, layer, batch.rows(e_idx), delta, block_out)
-            i_out = F.linear(project_out(rec.acts[i_idx], mem.basis), delta)
-            i_scores = activation_score(i_out, batch.query_mask[i_idx], mem.pooling) / mem.scale
-        else:
-            both = torch.cat([e_idx, i_idx])
-            logits, scores = _edit_forward(model, mem, blocks, layer, batch.rows(both), delta, None)
-            logits, e_scores, i_scores = logits[: e_idx.numel()], scores[: e_idx.numel()], scores[e_idx.numel():]
+        logits, e_scores, i_scores = run(e_idx, i_idx, base_delta + tau * mask)
         labels, sub_edit = batch.labels[e_idx][:, -logits.shape[1]:], row_edit[e_idx]
         nll = target_nll(logits, labels)
         _, row_ok = target_accuracy(logits.detach(), labels)

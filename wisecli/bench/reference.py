@@ -1,0 +1,31 @@
+"""The plain reference: every step runs the whole model forward and backward.
+
+That is what EasyEdit's WISE does (all layers, all positions' logits, every row
+through the model); ``train_shard`` with this forward gives the same side memory
+as the fast path, only slower.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..batching import Batch
+from ..wise.memory import SideMemoryLayer
+from ..wise.train import RowsForward
+
+
+def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> RowsForward:
+    def run(e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
+        both = torch.cat([e_idx, i_idx])
+        sub = batch.rows(both)
+        mem.train_delta = delta
+        mem.token_mask, mem._explicit_mask = sub.query_mask, True
+        try:
+            logits = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask,
+                           position_ids=sub.position_ids, use_cache=False).logits
+            scores = mem.last_scores
+        finally:
+            mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
+        n = e_idx.numel()
+        return logits[:n], scores[:n], scores[n:]
+    return run

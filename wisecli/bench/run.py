@@ -1,0 +1,130 @@
+"""What ``wise bench`` measures, all in one run on the same prompts.
+
+Ratios (speed-up, inference overhead, cost in forward passes) are the figures that
+carry across machines; seconds are given beside them.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..config import load_config
+from ..edits import EditRecord
+from ..models import set_module
+from ..session import Session
+from ..wise.editor import EditorState, WiseEditor
+from ..wise.memory import install
+from .reference import reference_forward
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _snapshot(editor: WiseEditor) -> tuple[dict, dict]:
+    return ({k: v.clone() for k, v in editor.mem.wise_state().items()}, editor.state.to_dict())
+
+
+def _restore(editor: WiseEditor, snap: tuple[dict, dict]) -> None:
+    editor.mem.load_wise_state(snap[0])
+    editor.state = EditorState.from_dict({k: (list(v) if isinstance(v, list) else v)
+                                          for k, v in snap[1].items()})
+
+
+def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: str,
+                    compare_reference: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    cfg = load_config(None, sess.target.model_type, {"mode": mode, "edits_per_shard": batch})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    setup = _timed(editor.prepare, sess.device)
+    out: dict[str, Any] = {"setup_seconds": round(setup, 3)}
+    fresh = _snapshot(editor)
+    first = edits[:batch]
+    if compare_reference:
+        progress(f"reference loop (full forward and backward each step) on {len(first)} edits")
+        editor.forward_factory = lambda b: reference_forward(sess.model, sess.mem, b)
+        ref = _timed(lambda: editor.apply(first), sess.device)
+        editor.forward_factory = None
+        _restore(editor, fresh)
+        fast_first = _timed(lambda: editor.apply(first), sess.device)
+        _restore(editor, fresh)
+        out["reference_seconds_per_edit"] = round(ref / len(first), 4)
+        out["fast_seconds_per_edit_same_edits"] = round(fast_first / len(first), 4)
+        out["speedup_vs_reference"] = round(ref / fast_first, 2)
+    if sess.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(sess.device)
+    progress(f"editing {len(edits)} edits in batches of {batch}")
+    spent = _timed(lambda: editor.apply(edits), sess.device)
+    out.update(seconds_per_edit=round(spent / len(edits), 4), edit_seconds=round(spent, 3),
+               peak_memory_bytes=_peak_memory(sess.device), memories=sess.mem.n_memories)
+    return out
+
+
+def _toggle_memory(sess: Session, on: bool) -> None:
+    """Swap the side-memory layer in or out, so the base is the unwrapped model."""
+    if on:
+        set_module(sess.model, sess.target.module_path, sess.mem)
+        install(sess.model, sess.mem)
+    else:
+        sess.model._wise_hook.remove()
+        set_module(sess.model, sess.target.module_path, sess.mem.base_layer)
+
+
+def measure_inference(sess: Session, prompts: list[str], reps: int, new_tokens: int = 20) -> dict[str, Any]:
+    """Patched against base, interleaved so drift of the machine hits both alike."""
+    tok, model, dev = sess.tokenizer, sess.model, sess.device
+    enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
+    one = tok(prompts[:1], return_tensors="pt").to(dev)
+
+    def forward(e: dict) -> None:
+        with torch.no_grad():
+            model(**e, use_cache=False)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def measure(on: bool) -> tuple[float, float]:
+        if not on:
+            _toggle_memory(sess, False)
+        try:
+            return _timed(lambda: forward(enc), dev), _timed(generate, dev)
+        finally:
+            if not on:
+                _toggle_memory(sess, True)
+
+    times: dict[str, list[float]] = {k: [] for k in ("fwd_base", "fwd_patched", "gen_base", "gen_patched")}
+    for i in range(reps + 1):  # the first round warms up and is not counted
+        for on, key in ((False, "base"), (True, "patched")):
+            f, g = measure(on)
+            if i:
+                times[f"fwd_{key}"].append(f)
+                times[f"gen_{key}"].append(g)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fwd_one = statistics.median(_timed(lambda: forward(one), dev) for _ in range(max(5, reps)))
+    return {
+        "forward_seconds": round(fwd_one, 5),
+        "inference_overhead": round(med["fwd_patched"] / med["fwd_base"] - 1, 4),
+        "generation_overhead": round(med["gen_patched"] / med["gen_base"] - 1, 4),
+        "forward_base_seconds": round(med["fwd_base"], 5), "forward_patched_seconds": round(med["fwd_patched"], 5),
+        "generate_base_seconds": round(med["gen_base"], 4), "generate_patched_seconds": round(med["gen_patched"], 4),
+    }
