@@ -15,8 +15,8 @@ from ..wise.train import RowsForward
 
 
 def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> RowsForward:
-    def run(e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
-        both = torch.cat([e_idx, i_idx])
+    def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
+        both = torch.cat([ce_idx, e_idx, i_idx])
         sub = batch.rows(both)
         mem.train_delta = delta
         mem.token_mask, mem._explicit_mask = sub.query_mask, True
@@ -26,6 +26,6 @@ def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> R
             scores = mem.last_scores
         finally:
             mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
-        n = e_idx.numel()
-        return logits[:n], scores[:n], scores[n:]
+        n, m = ce_idx.numel(), e_idx.numel()
+        return (logits[:n] if n else None), scores[n:n + m], scores[n + m:]
     return run

@@ -122,9 +122,10 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
             blocks[i] = blk
 
 
-RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""(edit rows, irrelevant rows, delta) -> (answer logits, edit scores, irrelevant scores)."""
+RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                       tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
+"""(CE rows, scored edit rows, irrelevant rows, delta) -> (answer logits of the CE rows
+or None when there are none, edit scores, irrelevant scores)."""
 
 
 def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
@@ -145,34 +146,37 @@ def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList,
 
 def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                  batch: Batch) -> RowsForward:
-    """The product path: lower blocks replayed, irrelevant rows scored from recorded a_t.
+    """The product path: lower blocks replayed for the CE rows; scores from recorded a_t.
 
-    Irrelevant rows need only their router score, ‖D a_t‖, and a_t does not depend
-    on D: it is recorded once and scored with one matmul per step instead of a
-    forward pass.
+    A router score needs only ‖D a_t‖ at layer L, and a_t does not depend on D: it
+    is recorded once and every row is scored with one matmul per step.  Only rows
+    whose answers are still being learned run the blocks above L.
     """
     rec = record_inputs(model, blocks, mem, layer, batch)
     n_rows = batch.input_ids.shape[0]
 
-    def run(e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
-        block_out = _map_rows(rec.block_out, e_idx, n_rows) if layer > 0 else None
-        logits, e_scores = _edit_forward(model, mem, blocks, layer, batch.rows(e_idx), delta, block_out)
-        i_out = F.linear(project_out(rec.acts[i_idx], mem.basis), delta)
-        i_scores = activation_score(i_out, batch.query_mask[i_idx], mem.pooling) / mem.scale
-        return logits, e_scores, i_scores
+    def scores(idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        out = F.linear(project_out(rec.acts[idx], mem.basis), delta)
+        return activation_score(out, batch.query_mask[idx], mem.pooling) / mem.scale
+
+    def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
+        logits = None
+        if ce_idx.numel():
+            block_out = _map_rows(rec.block_out, ce_idx, n_rows) if layer > 0 else None
+            logits, _ = _edit_forward(model, mem, blocks, layer, batch.rows(ce_idx), delta, block_out)
+        return logits, scores(e_idx, delta), scores(i_idx, delta)
     return run
 
 
 def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch.Tensor,
                cfg: WiseConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """This step's rows: each edit's bare prompt plus random prefixed copies; every
-    near miss; a random sample of the generic irrelevant prompts."""
-    dev = edit_rows.device
+    """This step's rows: each edit's bare prompt plus random prefixed copies, as an
+    (E, v) host tensor; every near miss and a random sample of the generic prompts."""
     n_var = edit_rows.shape[1]
     cols = torch.cat([torch.zeros(1, dtype=torch.long),
                       1 + torch.randperm(n_var - 1, generator=gen)[: cfg.variants_per_step - 1]])
     pick = torch.randperm(irr_rows.numel(), generator=gen)[: cfg.negatives_per_step]
-    return edit_rows[:, cols.to(dev)].reshape(-1), torch.cat([near_rows, irr_rows[pick.to(dev)]])
+    return edit_rows[:, cols], torch.cat([near_rows, irr_rows[pick]])
 
 
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
@@ -183,15 +187,20 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
     row_edit: (R,) the edit index of each row, IRRELEVANT / NEAR_MISS otherwise.
-    ``forward`` computes a step's logits and scores (default: ``fast_forward``; the
-    benchmark passes its full-forward reference).  Leaves the model as it found it.
+    Per-edit early stopping: every ``check_every`` steps all edits are checked;
+    in between only the edits still wrong at the last check get the cross-entropy
+    (and a forward pass), so a shard gets cheaper as its edits are learned, and the
+    row choice never waits on the device.  ``forward`` computes a step (default:
+    ``fast_forward``; the benchmark passes its reference).  Leaves the model as it
+    found it.
     """
     t0 = time.perf_counter()
     dev = base_delta.device
-    batch, row_edit, mask = batch.to(dev), row_edit.to(dev), mask.to(dev)
-    n_edits = int(row_edit.max().item()) + 1
+    batch, mask = batch.to(dev), mask.to(dev)
+    row_edit = row_edit.cpu()
+    n_edits = int(row_edit.max()) + 1
     # Edit rows come first, edit by edit, each edit with the same number of variants.
-    edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V)
+    edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V), host
     irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
     near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
     tau = torch.zeros_like(base_delta, requires_grad=True)
@@ -199,34 +208,45 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     run = forward or fast_forward(model, mem, blocks, layer, batch)
-    active = torch.ones(n_edits, dtype=torch.bool, device=dev)
+    # Host side: the edits that get the cross-entropy.  One leaves only once it was
+    # right at two checks in a row, so an edit that just got there is not left to slip.
+    training = torch.ones(n_edits, dtype=torch.bool)
+    was_wrong = training.clone()
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
-        e_idx, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
-        logits, e_scores, i_scores = run(e_idx, i_idx, base_delta + tau * mask)
-        labels, sub_edit = batch.labels[e_idx][:, -logits.shape[1]:], row_edit[e_idx]
-        nll = target_nll(logits, labels)
-        _, row_ok = target_accuracy(logits.detach(), labels)
-        # An edit stops contributing once every one of its rows is right; it comes back if it slips.
-        active = torch.zeros(n_edits, device=dev).index_add_(0, sub_edit, (~row_ok).float()) > 0
-        weight = active[sub_edit].float()
-        ce = (nll * weight).sum() / weight.sum().clamp_min(1)
-        m_loss = margin_loss(e_scores, i_scores, cfg.margin_irrelevant, cfg.margin_edit, cfg.margin_gap)
-        loss = ce + cfg.margin_weight * m_loss
+        check = step % cfg.check_every == 0 or step == cfg.max_steps
+        rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
+        ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
+        ce_idx = rows[ce_edits].reshape(-1)
+        logits, e_scores, i_scores = run(ce_idx.to(dev), rows.reshape(-1).to(dev), i_idx.to(dev),
+                                         base_delta + tau * mask)
+        loss = cfg.margin_weight * margin_loss(e_scores, i_scores, cfg.margin_irrelevant,
+                                               cfg.margin_edit, cfg.margin_gap)
+        if logits is not None:
+            labels = batch.labels[ce_idx.to(dev)][:, -logits.shape[1]:]
+            row_ce_edit = ce_edits.repeat_interleave(rows.shape[1]).to(dev)
+            nll = target_nll(logits, labels)
+            _, row_ok = target_accuracy(logits.detach(), labels)
+            wrong = torch.zeros(n_edits, device=dev).index_add_(0, row_ce_edit, (~row_ok).float()) > 0
+            # A learned edit stops contributing; it comes back if it slips.
+            weight = wrong[row_ce_edit].float()
+            loss = loss + (nll * weight).sum() / weight.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if cfg.weight_decay:
             with torch.no_grad():
                 tau.mul_(1 - cfg.learning_rate * cfg.weight_decay)  # τ is zero off the mask
-        if step % cfg.check_every == 0 or step == cfg.max_steps:
+        if check:
             # The only host syncs of the loop, once every check_every steps.
-            loss_val, n_active = float(loss.detach()), int(active.sum())
+            now_wrong = wrong.cpu()
+            training, was_wrong = now_wrong | was_wrong, now_wrong
+            loss_val, n_active = float(loss.detach()), int(now_wrong.sum())
             separated = i_scores.numel() == 0 or bool(i_scores.max() < cfg.act_ratio * e_scores.min())
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and separated:
                 break
     delta = (tau.detach() * mask).float()
-    return ShardResult(delta=delta, steps=step, loss=loss_val, learned=n_edits - int(active.sum()),
+    return ShardResult(delta=delta, steps=step, loss=loss_val, learned=n_edits - int(was_wrong.sum()),
                        n_edits=n_edits, seconds=time.perf_counter() - t0)
