@@ -35,5 +35,8 @@ test-fast: setup
 bench: setup
 	$(BIN)/wise bench smollm2-135m --compare-reference
 
+bench-quality: setup
+	$(BIN)/python benchmarks/quality.py --dataset zsre --T 10 100 --mode merge
+
 clean:
 	rm -rf demo-out .pytest_cache

@@ -231,3 +231,15 @@ def test_target_nll_per_row():
     nll = target_nll(logits, labels)
     torch.testing.assert_close(nll[0], want)
     assert nll[1].item() == 0.0
+
+
+def test_projected_memory_reads_projected_activations():
+    from wisecli.wise.maths import common_basis, project_out, project_rows
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(50, 32, generator=gen)
+    basis = common_basis(acts, 4)
+    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)  # orthonormal
+    delta, a = torch.randn(8, 32, generator=gen), torch.randn(3, 32, generator=gen)
+    torch.testing.assert_close(a @ project_rows(delta, basis).T, project_out(a, basis) @ delta.T)
+    # the memory is silent on the directions it projects out
+    assert (project_rows(delta, basis) @ basis).abs().max() < 1e-5

@@ -19,7 +19,7 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
-from .maths import common_basis, merge_ties, scored_tokens, shard_mask
+from .maths import common_basis, merge_ties, project_rows, scored_tokens, shard_mask
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
@@ -192,11 +192,11 @@ class WiseEditor:
         merged = merge_ties(deltas, cfg.ties_density)
         if cfg.mode == "merge" and mem.n_memories:
             k = 0
-            new = cfg.old_memory_weight * start + merged
+            new = project_rows(cfg.old_memory_weight * start + merged, mem.basis)
             mem.memories[0] = new
         else:
             k = mem.n_memories
-            new = start + merged
+            new = project_rows(start + merged, mem.basis)
             mem.memories = torch.cat([mem.memories, new[None]])
             mem.min_edit_scores = torch.cat([mem.min_edit_scores,
                                              torch.full((1,), float("inf"), device=self.device)])

@@ -55,6 +55,16 @@ def project_out(acts: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return acts - (acts @ basis) @ basis.T
 
 
+def project_rows(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """D (I − U Uᵀ): a memory that reads project_out(a) for the price of reading a.
+
+    Stored memories are kept in this form, so inference pays no projection.
+    """
+    if basis.shape[-1] == 0:
+        return delta
+    return delta - (delta @ basis) @ basis.T
+
+
 def common_basis(acts: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of (N, d_in) activations, as a (d_in, r) basis."""
     rank = min(rank, acts.shape[0], acts.shape[1])

@@ -80,7 +80,7 @@ class SideMemoryLayer(nn.Module):
             return out + delta_out.to(out.dtype)
         if not self.enabled or self.n_memories == 0:
             return out
-        a32 = project_out(a.float(), self.basis)
+        a32 = a.float()  # stored memories are already projected (maths.project_rows)
         if self.decoding and self.hold and self.held_route is not None \
                 and self.held_route.shape[0] == a.shape[0]:
             route = self.held_route
