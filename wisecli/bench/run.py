@@ -51,8 +51,9 @@ def _restore(editor: WiseEditor, snap: tuple[dict, dict]) -> None:
 
 
 def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: str,
-                    compare_reference: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    cfg = load_config(None, sess.target.model_type, {"mode": mode, "edits_per_shard": batch})
+                    compare_reference: bool, progress: Callable[[str], None],
+                    config: str | None = None) -> dict[str, Any]:
+    cfg = load_config(config, sess.target.model_type, {"mode": mode, "edits_per_shard": batch})
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     setup = _timed(editor.prepare, sess.device)
     out: dict[str, Any] = {"setup_seconds": round(setup, 3)}

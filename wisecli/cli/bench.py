@@ -25,6 +25,7 @@ def bench(
     mode: Annotated[str, typer.Option(help="merge or retrieve.")] = "merge",
     synthetic: Annotated[Optional[str], typer.Option(help=f"Random weights of a real shape, built on the device: {', '.join(SHAPES)}.")] = None,
     compare_reference: Annotated[bool, typer.Option("--compare-reference", help="Also time the plain full-forward loop on the first batch.")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", help="YAML hyper-parameters, as for wise edit.")] = None,
     reps: Annotated[int, typer.Option(min=1, help="Interleaved repetitions for inference timing.")] = 5,
     device: Device = "auto",
     dtype: DType = "auto",
@@ -49,7 +50,7 @@ def bench(
               "device_name": torch.cuda.get_device_name(sess.device) if sess.device.type == "cuda" else platform.processor() or platform.machine(),
               "dtype": str(sess.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "mode": mode, "edits": edits, "batch": batch, "module": sess.target.module_path}
-    result.update(measure_editing(sess, records, batch, mode, compare_reference, say))
+    result.update(measure_editing(sess, records, batch, mode, compare_reference, say, config))
     say("timing inference: base vs patched, interleaved")
     result.update(measure_inference(sess, [r.prompt for r in records[:8]], reps))
     result["edit_cost_forward_equivalents"] = round(result["seconds_per_edit"] / result["forward_seconds"], 1)
