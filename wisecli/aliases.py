@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from wisecli.checkpoint import sha256_file_cached
 from wisecli.errors import ModelError
 
 try:  # POSIX only; elsewhere conversions are simply not serialised.
@@ -115,15 +115,6 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_alias(name: str, progress: Progress | None = None) -> Path:
     """The cached HF checkpoint of a built-in alias, converting it on first use."""
     alias = _ALIASES[name]
@@ -150,7 +141,7 @@ def convert_gguf(path: Path, progress: Progress | None = None) -> Path:
     Keyed by content rather than path so a moved or renamed file is not
     converted twice, and an overwritten file is not served stale.
     """
-    digest = sha256_file(path)
+    digest = sha256_file_cached(path)  # cached by size and mtime: a big GGUF is hashed once
     target = cache_dir() / "models" / f"gguf-{digest[:16]}"
 
     def produce(scratch: Path) -> tuple[Path, dict]:

@@ -178,8 +178,7 @@ class WiseEditor:
                     progress({"done": done, "step": res.steps, "loss": res.loss, "active": 0,
                               "shard": index, "shard_size": len(shard), "shard_done": True})
                 for e in shard:
-                    placed.append({"id": e.id, "shard": index, "steps": res.steps,
-                                   "learned_in_training": None})
+                    placed.append({"id": e.id, "shard": index, "steps": res.steps})
             k = self._merge([r.delta for r in results], start, [e for s in group for e in s])
             for p in placed[len(placed) - sum(len(s) for s in group):]:
                 p["memory"] = k
