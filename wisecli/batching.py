@@ -30,6 +30,13 @@ class Batch:
         return Batch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
                      self.labels[idx], self.query_mask[idx], self.answer_len)
 
+    def last_cols(self, width: int) -> "Batch":
+        """Keep the last ``width`` positions: with left padding, dropping columns that
+        are padding in every row changes no result and saves their compute."""
+        w = min(width, self.input_ids.shape[1])
+        return Batch(self.input_ids[:, -w:], self.attention_mask[:, -w:], self.position_ids[:, -w:],
+                     self.labels[:, -w:], self.query_mask[:, -w:], self.answer_len)
+
     @property
     def logits_to_keep(self) -> int:
         """Positions whose logits score an answer token (one before each answer token)."""

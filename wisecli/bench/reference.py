@@ -16,7 +16,7 @@ from ..wise.train import RowsForward
 
 def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> RowsForward:
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
-        both = torch.cat([ce_idx, e_idx, i_idx])
+        both = torch.cat([ce_idx, e_idx, i_idx]).to(delta.device)
         sub = batch.rows(both)
         mem.train_delta = delta
         mem.token_mask, mem._explicit_mask = sub.query_mask, True

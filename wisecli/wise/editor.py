@@ -14,12 +14,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
-from .maths import common_basis, merge_ties, project_rows, scored_tokens, shard_mask
+from .maths import (activation_score, common_basis, merge_ties, project_out, project_rows,
+                    scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
@@ -144,6 +146,18 @@ class WiseEditor:
             self.mem.train_delta, self.mem.token_mask, self.mem._explicit_mask = None, None, False
 
     # ---- the schedule --------------------------------------------------------------
+    def _group_scores(self, results: list[ShardResult], edits: list[EditRecord],
+                      delta: torch.Tensor) -> torch.Tensor:
+        """Scores of the group's edit prompts under the new memory, from the recorded
+        activations where training kept them, else from a forward pass."""
+        if all(r.edit_acts is not None for r in results):
+            return torch.cat([activation_score(F.linear(project_out(r.edit_acts, self.mem.basis), delta),
+                                               r.edit_mask, self.mem.pooling) / self.mem.scale
+                              for r in results])
+        batch, row_edit = self.shard_batch(edits)
+        rows = (row_edit >= 0).nonzero().squeeze(-1)
+        return self.edit_scores(batch.rows(rows).to(self.device), delta)
+
     def _start_delta(self) -> torch.Tensor:
         if self.cfg.mode == "merge" and self.mem.n_memories:
             return self.mem.memories[0].clone()
@@ -179,16 +193,16 @@ class WiseEditor:
                               "shard": index, "shard_size": len(shard), "shard_done": True})
                 for e in shard:
                     placed.append({"id": e.id, "shard": index, "steps": res.steps})
-            k = self._merge([r.delta for r in results], start, [e for s in group for e in s])
+            k = self._merge(results, start, [e for s in group for e in s])
             for p in placed[len(placed) - sum(len(s) for s in group):]:
                 p["memory"] = k
         return placed
 
-    def _merge(self, deltas: list[torch.Tensor], start: torch.Tensor,
+    def _merge(self, results: list[ShardResult], start: torch.Tensor,
                edits: list[EditRecord]) -> int:
         """TIES-merge a group of shards; merge mode folds it into memory 0, retrieve adds a memory."""
         cfg, mem = self.cfg, self.mem
-        merged = merge_ties(deltas, cfg.ties_density)
+        merged = merge_ties([r.delta for r in results], cfg.ties_density)
         if cfg.mode == "merge" and mem.n_memories:
             k = 0
             new = project_rows(cfg.old_memory_weight * start + merged, mem.basis)
@@ -201,9 +215,7 @@ class WiseEditor:
                                              torch.full((1,), float("inf"), device=self.device)])
             mem.thresholds = torch.cat([mem.thresholds, torch.zeros(1, device=self.device)])
             self.state.memory_edit_counts.append(0)
-        batch, row_edit = self.shard_batch(edits)
-        rows = (row_edit >= 0).nonzero().squeeze(-1)
-        scores = self.edit_scores(batch.rows(rows).to(self.device), new)
+        scores = self._group_scores(results, edits, new)
         mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
         mem.thresholds[k] = cfg.act_ratio * mem.min_edit_scores[k]
         self.state.memory_edit_counts[k] += len(edits)

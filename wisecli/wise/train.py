@@ -31,6 +31,10 @@ class ShardResult:
     learned: int            # edits whose every row is predicted right
     n_edits: int
     seconds: float
+    # The edit rows' recorded activations and query masks (fast path only), so the
+    # router threshold after a merge needs no new forward pass.
+    edit_acts: torch.Tensor | None = None
+    edit_mask: torch.Tensor | None = None
 
 
 IRRELEVANT = -1   # row_edit of generic irrelevant rows (a sample of them in each step)
@@ -41,11 +45,15 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the recorded block has run."""
 
 
-def _map_rows(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
+def _map_rows(obj: Any, idx: torch.Tensor, n_rows: int, seq: int, width: int) -> Any:
+    """Select rows (and the last ``width`` of ``seq`` positions) of a recorded output."""
     if isinstance(obj, torch.Tensor):
-        return obj[idx] if obj.dim() > 0 and obj.shape[0] == n_rows else obj
+        if obj.dim() == 0 or obj.shape[0] != n_rows:
+            return obj
+        out = obj[idx]
+        return out[:, -width:] if out.dim() > 1 and out.shape[1] == seq else out
     if isinstance(obj, tuple):
-        return tuple(_map_rows(o, idx, n_rows) for o in obj)
+        return tuple(_map_rows(o, idx, n_rows, seq, width) for o in obj)
     return obj
 
 
@@ -125,7 +133,8 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
 RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                        tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
 """(CE rows, scored edit rows, irrelevant rows, delta) -> (answer logits of the CE rows
-or None when there are none, edit scores, irrelevant scores)."""
+or None when there are none, edit scores, irrelevant scores).  Row indices are host
+tensors, so a forward can plan on them without waiting on the device."""
 
 
 def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
@@ -145,26 +154,29 @@ def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList,
 
 
 def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
-                 batch: Batch) -> RowsForward:
+                 batch: Batch, rec: Recorded) -> RowsForward:
     """The product path: lower blocks replayed for the CE rows; scores from recorded a_t.
 
     A router score needs only ‖D a_t‖ at layer L, and a_t does not depend on D: it
     is recorded once and every row is scored with one matmul per step.  Only rows
     whose answers are still being learned run the blocks above L.
     """
-    rec = record_inputs(model, blocks, mem, layer, batch)
-    n_rows = batch.input_ids.shape[0]
+    n_rows, seq = batch.input_ids.shape
+    lengths = batch.attention_mask.sum(-1).cpu()  # host copy, so trimming never syncs
 
     def scores(idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         out = F.linear(project_out(rec.acts[idx], mem.basis), delta)
         return activation_score(out, batch.query_mask[idx], mem.pooling) / mem.scale
 
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
-        logits = None
+        logits, dev = None, delta.device
         if ce_idx.numel():
-            block_out = _map_rows(rec.block_out, ce_idx, n_rows) if layer > 0 else None
-            logits, _ = _edit_forward(model, mem, blocks, layer, batch.rows(ce_idx), delta, block_out)
-        return logits, scores(e_idx, delta), scores(i_idx, delta)
+            width = int(lengths[ce_idx].max())  # these rows' longest: the rest is padding
+            idx = ce_idx.to(dev)
+            block_out = _map_rows(rec.block_out, idx, n_rows, seq, width) if layer > 0 else None
+            sub = batch.rows(idx).last_cols(width)
+            logits, _ = _edit_forward(model, mem, blocks, layer, sub, delta, block_out)
+        return logits, scores(e_idx.to(dev), delta), scores(i_idx.to(dev), delta)
     return run
 
 
@@ -207,7 +219,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    run = forward or fast_forward(model, mem, blocks, layer, batch)
+    rec = record_inputs(model, blocks, mem, layer, batch) if forward is None else None
+    run = forward or fast_forward(model, mem, blocks, layer, batch, rec)
     # Host side: the edits that get the cross-entropy.  One leaves only once it was
     # right at two checks in a row, so an edit that just got there is not left to slip.
     training = torch.ones(n_edits, dtype=torch.bool)
@@ -218,8 +231,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
         ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
         ce_idx = rows[ce_edits].reshape(-1)
-        logits, e_scores, i_scores = run(ce_idx.to(dev), rows.reshape(-1).to(dev), i_idx.to(dev),
-                                         base_delta + tau * mask)
+        logits, e_scores, i_scores = run(ce_idx, rows.reshape(-1), i_idx, base_delta + tau * mask)
         loss = cfg.margin_weight * margin_loss(e_scores, i_scores, cfg.margin_irrelevant,
                                                cfg.margin_edit, cfg.margin_gap)
         if logits is not None:
@@ -248,5 +260,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
             if step >= cfg.min_steps and n_active == 0 and separated:
                 break
     delta = (tau.detach() * mask).float()
+    rows = edit_rows.reshape(-1).to(dev)
     return ShardResult(delta=delta, steps=step, loss=loss_val, learned=n_edits - int(was_wrong.sum()),
-                       n_edits=n_edits, seconds=time.perf_counter() - t0)
+                       n_edits=n_edits, seconds=time.perf_counter() - t0,
+                       edit_acts=rec.acts[rows] if rec else None,
+                       edit_mask=batch.query_mask[rows] if rec else None)
