@@ -81,12 +81,11 @@ class SideMemoryLayer(nn.Module):
         if not self.enabled or self.n_memories == 0:
             return out
         a32 = a.float()  # stored memories are already projected (maths.project_rows)
+        deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
         if self.decoding and self.hold and self.held_route is not None \
                 and self.held_route.shape[0] == a.shape[0]:
             route = self.held_route
-            deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
         else:
-            deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
             mask = self._mask_for(a.shape[1])
             scores = torch.stack([activation_score(d, mask, self.pooling) for d in deltas]) / self.scale  # (K, B)
             route = choose_memory(scores, self.thresholds)
