@@ -4,10 +4,14 @@ Uses the same readers, editor and metrics as ``wise edit`` / ``wise eval``:
 
     python benchmarks/quality.py --dataset zsre --T 10 100 --mode merge
     python benchmarks/quality.py --dataset counterfact --T 100 --model gemma3-270m
+    python benchmarks/quality.py --dataset hallucination --T 100
 
 Prints a table, writes ``benchmarks/results/quality-<dataset>-<model>-<mode>.json`` and a
-PNG of the metrics against T.  Development slices only by default (ZsRE records 0-499);
-``--offset 500`` evaluates the final-test slice.
+PNG of the metrics against T.  Development slices by default (the first records of each
+dev file); ``--dataset zsre --offset 500`` and ``--dataset knowedit-zsre`` are the final-test
+slices.  ``--negatives train`` draws the router's irrelevant prompts from the dataset's
+train split, as the WISE paper does; the default is what ``wise edit`` does by default
+(text the model writes itself).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import time
 from pathlib import Path
 
 from wisecli.config import load_config
-from wisecli.edits import load_edits
+from wisecli.edits import load_edits, load_prompts
 from wisecli.evaluate import evaluate
 from wisecli.session import open_model
 from wisecli.wise.editor import WiseEditor
@@ -26,7 +30,15 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {
     "zsre": DATA / "zsre" / "zsre_mend_eval.json",
     "counterfact": DATA / "counterfact" / "counterfact-edit.json",
+    "hallucination": DATA / "hallucination" / "hallucination-edit.json",
     "knowedit-zsre": DATA / "knowedit" / "benchmark_ZsRE_ZsRE-test-all.json",
+}
+# Where each dataset's irrelevant prompts come from with --negatives train (never the eval file).
+TRAIN = {
+    "zsre": DATA / "zsre" / "zsre_mend_train_1k.json",
+    "knowedit-zsre": DATA / "zsre" / "zsre_mend_train_1k.json",
+    "counterfact": DATA / "counterfact" / "counterfact-train.json",
+    "hallucination": DATA / "hallucination" / "hallucination-train.json",
 }
 
 
@@ -35,7 +47,15 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
     sess = open_model(args.model, device=args.device, dtype=args.dtype)
     cfg = load_config(args.config, sess.target.model_type, {"mode": args.mode})
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
-    editor.prepare()
+    base_ppl = None
+    if args.dataset == "hallucination":  # the unedited model's perplexity, printed beside
+        base_ppl = evaluate(sess.model, sess.tokenizer, None, records, generate=False).perplexity
+    negatives = None
+    if args.negatives == "train":
+        negatives = load_prompts(TRAIN[args.dataset])
+    elif args.negatives != "generated":
+        negatives = load_prompts(args.negatives)
+    editor.prepare(negatives, source=args.negatives)
     t0 = time.perf_counter()
     # Lifelong: the edits arrive in batches of edits_per_shard, each applied on top of the last.
     for i in range(0, len(records), args.arrival):
@@ -45,8 +65,12 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
     row = {k: v for k, v in report.to_dict().items() if k != "edits"}
     parts = [row[k] for k in ("reliability", "generalization", "locality") if row[k] is not None]
     row.update(T=t, avg=sum(parts) / len(parts), seconds_per_edit=seconds / len(records),
-               memories=sess.mem.n_memories)
+               memories=sess.mem.n_memories, base_perplexity=base_ppl)
     return row
+
+
+def _f(x: float | None, width: int = 6) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.3f}"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -77,19 +101,25 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--arrival", type=int, default=10, help="edits per lifelong arrival")
+    ap.add_argument("--negatives", default="generated",
+                    help="router negatives: generated (wise edit's default), train (the dataset's "
+                         "train split, as in the WISE paper) or a file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     rows = []
-    print(f"{'T':>6} {'rel':>6} {'gen':>6} {'loc':>6} {'gen-acc':>8} {'avg':>6} {'s/edit':>7}")
+    print(f"{'T':>6} {'rel':>6} {'gen':>6} {'loc':>6} {'gen-acc':>8} {'avg':>6} {'ppl':>8} "
+          f"{'base-ppl':>9} {'s/edit':>7}")
     for t in args.T:
         row = run_once(args, t)
         rows.append(row)
-        print(f"{t:>6} {row['reliability']:>6.3f} {row['generalization'] or 0:>6.3f} "
-              f"{row['locality'] or 0:>6.3f} {row['generated_accuracy'] or 0:>8.3f} "
-              f"{row['avg']:>6.3f} {row['seconds_per_edit']:>7.2f}", flush=True)
+        print(f"{t:>6} {_f(row['reliability'])} {_f(row['generalization'])} {_f(row['locality'])} "
+              f"{_f(row['generated_accuracy'], 8)} {_f(row['avg'])} {_f(row['perplexity'], 8)} "
+              f"{_f(row['base_perplexity'], 9)} {row['seconds_per_edit']:>7.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"quality-{Path(args.dataset).stem}-{args.model}-{args.mode}"
+    name = f"quality-{Path(args.dataset).stem}-{args.model}-{args.mode}" + \
+        (f"-from{args.offset}" if args.offset else "") + \
+        ("" if args.negatives == "generated" else f"-neg-{Path(args.negatives).stem}")
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     plot(rows, out / f"{name}.png", name)
     print(f"wrote {out / name}.json and .png")

@@ -24,7 +24,7 @@ WORDS = ("<pad> <eos> <unk> the a of is in capital city river king queen paris l
          "music plays team red blue green big small old new sea book film song name was and "
          "mountain lake").split()
 TOP_KEYS = {"n_edits", "reliability", "generalization", "locality", "generated_accuracy",
-            "portability", "seconds", "edits"}
+            "portability", "perplexity", "seconds", "edits"}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -124,7 +124,12 @@ def test_batch_size_invariance(tok, patched, size, threshold):
     one = evaluate(model, tok, mem, EDITS, batch_size=1, extra_locality=extra)
     many = evaluate(model, tok, mem, EDITS, batch_size=16, extra_locality=extra)
     mixed = evaluate(model, tok, mem, EDITS, batch_size=3, extra_locality=extra)
-    assert one.to_dict()["edits"] == many.to_dict()["edits"] == mixed.to_dict()["edits"]
+    # Perplexity is a float reduction: equal to rounding, not to the bit, across batch shapes.
+    ppl = [[e.pop("perplexity") for e in r.to_dict()["edits"]] for r in (one, many, mixed)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5) and ppl[0] == pytest.approx(ppl[2], rel=1e-5)
+    strip = [[{k: v for k, v in e.items() if k != "perplexity"} for e in r.to_dict()["edits"]]
+             for r in (one, many, mixed)]
+    assert strip[0] == strip[1] == strip[2]
     assert one.locality == many.locality == mixed.locality
     if size < 1.0:
         assert [e.routed for e in one.edits] == [True, True, False, False]
@@ -172,7 +177,8 @@ def test_report_dict_and_rendering(tok, patched):
     rep = evaluate(model, tok, mem, EDITS, batch_size=4, max_new_tokens=4)
     d = json.loads(json.dumps(rep.to_dict()))
     assert set(d) == TOP_KEYS and d["n_edits"] == 4 and len(d["edits"]) == 4
-    for key in TOP_KEYS - {"edits", "n_edits"}:
+    assert d["perplexity"] >= 1.0
+    for key in TOP_KEYS - {"edits", "n_edits", "perplexity"}:
         assert d[key] is None or (isinstance(d[key], float) and 0.0 <= d[key] <= (1.0 if key != "seconds" else 1e9))
     assert d["edits"][0]["generalization"] is not None and d["edits"][3]["generalization"] is None
     assert d["edits"][2]["portability"] is not None and d["edits"][0]["portability"] is None
@@ -190,3 +196,19 @@ def test_report_dict_and_rendering(tok, patched):
 def test_fmt():
     assert fmt(None) == "—" and fmt(0.91666) == "0.917" and fmt(1.0) == "1.000"
     assert isinstance(EvalReport(0, None, None, None, None, None, [], 0.0).to_dict()["edits"], list)
+
+
+def test_perplexity_is_exp_mean_nll_of_the_target(tok):
+    """Computed by hand with a plain forward of prompt + target, one edit at a time."""
+    model = make_model()
+    rep = evaluate(model, tok, None, EDITS, batch_size=3, generate=False)
+    for e, res in zip(EDITS, rep.edits):
+        p_ids = tok(e.prompt, add_special_tokens=False)["input_ids"]
+        t_ids = tok(" " + e.target_new, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + t_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0].log_softmax(-1)
+        nll = -torch.stack([logp[len(p_ids) - 1 + i, t] for i, t in enumerate(t_ids)]).mean()
+        assert res.perplexity == pytest.approx(float(nll.exp()), rel=1e-4)
+    assert rep.perplexity == pytest.approx(sum(r.perplexity for r in rep.edits) / len(EDITS))
+    assert rep.perplexity > 1.0

@@ -105,10 +105,17 @@ def test_choose_memory_rows_route_independently():
 ALPHA, BETA, GAMMA = 0.05, 0.5, 0.3
 
 
+def ml(edit: torch.Tensor, irr: torch.Tensor, alpha=ALPHA, beta=BETA, gamma=GAMMA) -> torch.Tensor:
+    """margin_loss with one scored token per irrelevant prompt (pooled score = token score)."""
+    irr = torch.as_tensor(irr)
+    return margin_loss(torch.as_tensor(edit), irr[:, None], torch.ones(irr.shape[0], 1),
+                       alpha, beta, gamma)
+
+
 def test_margin_loss_zero_when_separated():
     edit = torch.tensor([0.6, 0.9])
     irr = torch.tensor([0.0, 0.04, 0.01])
-    assert margin_loss(edit, irr, ALPHA, BETA, GAMMA).item() == 0.0
+    assert ml(edit, irr).item() == 0.0
 
 
 @pytest.mark.parametrize("edit, irr", [
@@ -117,30 +124,42 @@ def test_margin_loss_zero_when_separated():
     ([0.6, 0.9], [0.04, 0.35]),   # above alpha and the gap 0.6 - 0.35 < gamma
 ])
 def test_margin_loss_positive_when_a_margin_is_violated(edit, irr):
-    assert margin_loss(torch.tensor(edit), torch.tensor(irr), ALPHA, BETA, GAMMA).item() > 0
+    assert ml(torch.tensor(edit), torch.tensor(irr)).item() > 0
 
 
 def test_margin_loss_gap_term_alone():
     """Both scores inside their own margins but too close: only the gap term fires."""
-    loss = margin_loss(torch.tensor([0.5]), torch.tensor([0.3]), 0.3, 0.5, 0.3)
+    loss = ml(torch.tensor([0.5]), torch.tensor([0.3]), 0.3, 0.5, 0.3)
     assert loss.item() == pytest.approx(0.1)
 
 
 def test_margin_loss_without_irrelevant_scores():
-    loss = margin_loss(torch.tensor([0.2, 0.7]), torch.zeros(0), ALPHA, BETA, GAMMA)
+    loss = ml(torch.tensor([0.2, 0.7]), torch.zeros(0))
     assert loss.item() == pytest.approx(0.15)
 
 
 def test_margin_loss_gradient_pushes_edit_scores_up_and_irrelevant_down():
     edit = torch.tensor([0.1, 0.2], requires_grad=True)
     irr = torch.tensor([0.2, 0.3], requires_grad=True)
-    margin_loss(edit, irr, ALPHA, BETA, GAMMA).backward()
+    ml(edit, irr).backward()
     assert (edit.grad < 0).all()   # descent raises edit scores
     assert (irr.grad > 0).all()    # and lowers irrelevant ones
     # one step of descent lowers the loss
     with torch.no_grad():
         e2, i2 = edit - 0.1 * edit.grad, irr - 0.1 * irr.grad
-    assert margin_loss(e2, i2, ALPHA, BETA, GAMMA) < margin_loss(edit.detach(), irr.detach(), ALPHA, BETA, GAMMA)
+    assert ml(e2, i2) < ml(edit.detach(), irr.detach())
+
+
+def test_margin_loss_pushes_every_loud_token_of_an_irrelevant_prompt():
+    """Not just the loudest one: under max pooling the next token would take its place.
+    Unscored tokens (weight 0: padding, the first token) get no gradient."""
+    edit = torch.tensor([0.9])
+    tokens = torch.tensor([[0.4, 0.3, 0.01, 0.8]], requires_grad=True)
+    weights = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    margin_loss(edit, tokens * weights, weights, ALPHA, BETA, GAMMA).backward()
+    g = tokens.grad[0]
+    assert g[0] > 0 and g[1] > 0      # both tokens above alpha are pushed down
+    assert g[2] == 0 and g[3] == 0    # below alpha: nothing; not scored: nothing
 
 
 # ---- shard_mask --------------------------------------------------------------------

@@ -86,7 +86,8 @@ def test_zero_memories_is_the_unwrapped_model(model_dir):
 def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
-    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis"}
+    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
+                          "edit_keys", "key_edit", "key_memory"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
@@ -204,6 +205,31 @@ def test_retrieve_mode_one_memory_per_merge_group(model_dir):
     assert editor.state.shards_trained == 3
     for rec in RECORDS:
         assert int(_route(sess, rec.prompt)) != NO_MEMORY, rec.id
+
+
+def _prompt_score(sess, text: str, k: int = 0) -> float:
+    """Router score of a bare prompt under side memory k, from a plain forward."""
+    _logits(sess.model, sess.tokenizer, [text])
+    return float(sess.mem.last_scores[k, 0])
+
+
+def test_merge_mode_threshold_tracks_the_memory_over_all_edits(model_dir):
+    """After every merge the threshold is act_ratio x the lowest score of *all* the
+    memory's edits under the memory as it is now, not the first group's frozen value."""
+    sess = open_model(str(model_dir), device="cpu")
+    cfg = WiseConfig(**{**LEARN, "edits_per_shard": 1, "shards_per_merge": 1, "keys_per_edit": 64})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    for n in range(1, len(RECORDS) + 1):
+        editor.apply(RECORDS[n - 1:n])
+        scores = [_prompt_score(sess, r.prompt) for r in RECORDS[:n]]
+        # keys are stored in float16, hence the tolerance
+        assert float(sess.mem.min_edit_scores[0]) == pytest.approx(min(scores), rel=2e-3)
+        assert float(sess.mem.thresholds[0]) == pytest.approx(cfg.act_ratio * min(scores), rel=2e-3)
+    assert int(sess.mem.key_edit.max()) == len(RECORDS) - 1
+    assert (sess.mem.key_memory == 0).all()
+    # stored at half precision: 4 keys of a 7B model are 88 KB per edit
+    assert sess.mem.edit_keys.dtype == torch.float16
 
 
 # ---- routing per example --------------------------------------------------------------

@@ -5,7 +5,9 @@
   deciding from the prompt's tokens only — as it would when the answer is not yet written;
 * locality: share of the answer tokens whose argmax is unchanged from the unedited model;
 * generated accuracy: greedy generation from the prompt starts with the target (the stricter
-  "WILD" protocol), reported beside the teacher-forced numbers.
+  "WILD" protocol), reported beside the teacher-forced numbers;
+* perplexity: exp of the mean token NLL of the target after the prompt, averaged over edits
+  (the hallucination benchmark's metric, where targets are whole passages).
 
 Every number is per row: batches are left-padded with explicit position ids, so a probe scores
 the same whatever else shares its batch (``batch_size=1`` gives the same report).
@@ -22,7 +24,7 @@ import torch.nn as nn
 
 from .batching import encode_answer, encode_pairs
 from .edits import EditRecord
-from .wise.maths import NO_MEMORY, target_accuracy
+from .wise.maths import NO_MEMORY, target_accuracy, target_nll
 from .wise.memory import SideMemoryLayer, main_memory_only, route_on
 from .wise.train import forward_logits
 
@@ -42,6 +44,7 @@ class EditResult:
     portability: float | None
     generated_text: str
     routed: bool | None             # the prompt went through a side memory; None without a memory
+    perplexity: float | None = None  # exp(mean NLL) of target_new after the prompt
 
 
 @dataclass
@@ -54,12 +57,14 @@ class EvalReport:
     portability: float | None
     edits: list[EditResult]
     seconds: float
+    perplexity: float | None = None
+
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "reliability": self.reliability,
                 "generalization": self.generalization, "locality": self.locality,
                 "generated_accuracy": self.generated_accuracy, "portability": self.portability,
-                "seconds": self.seconds, "edits": [asdict(e) for e in self.edits]}
+                "perplexity": self.perplexity, "seconds": self.seconds, "edits": [asdict(e) for e in self.edits]}
 
 
 # ---- small helpers ------------------------------------------------------------------
@@ -95,17 +100,23 @@ def _shares(logits: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
     return [float(s) if int(k) else None for s, k in zip(share.tolist(), n.tolist())]
 
 
+def _perplexities(logits: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
+    n = (labels[:, 1:] != -100).sum(-1)
+    return [float(torch.exp(x)) if int(k) else None
+            for x, k in zip(target_nll(logits, labels), n.tolist())]
+
+
 # ---- the three kinds of measurement ----------------------------------------------------
 
 @torch.no_grad()
 def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[str, str]],
-                    batch_size: int, tick: Tick) -> list[tuple[float | None, int | None]]:
-    """(token accuracy, route) per (query, answer), routing on the query only.
+                    batch_size: int, tick: Tick) -> list[tuple[float | None, int | None, float | None]]:
+    """(token accuracy, route, perplexity) per (query, answer), routing on the query only.
 
     The route is read from the layer after each forward; it is reset first because a layer
     with no memories returns early and would otherwise leave the previous batch's route.
     """
-    out: list[tuple[float | None, int | None]] = []
+    out: list[tuple[float | None, int | None, float | None]] = []
     for chunk in _chunks(pairs, batch_size):
         batch = encode_pairs(tok, [q for q, _ in chunk], [a for _, a in chunk]).to(_device(model))
         route: list[int | None] = [None] * len(chunk)
@@ -117,7 +128,8 @@ def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[s
                 logits = forward_logits(model, batch)
             last = mem.last_route
             route = [NO_MEMORY] * len(chunk) if last is None else [int(r) for r in last.tolist()]
-        out += list(zip(_shares(logits, batch.kept_labels()), route))
+        labels = batch.kept_labels()
+        out += list(zip(_shares(logits, labels), route, _perplexities(logits, labels)))
         tick(len(chunk))
     return out
 
@@ -244,19 +256,21 @@ def evaluate(model, tokenizer, mem: SideMemoryLayer | None, edits: list[EditReco
         locality=_mean([r.locality for r in results] + extra),
         generated_accuracy=_mean([r.generated for r in results]),
         portability=_mean([r.portability for r in results]),
+        perplexity=_mean([r.perplexity for r in results]),
         edits=results, seconds=time.perf_counter() - t0)
 
 
 def _results(edits: list[EditRecord], probes: list[tuple[int, str, str, str]],
-             scored: list[tuple[float | None, int | None]], loc: list[float | None],
+             scored: list[tuple[float | None, int | None, float | None]], loc: list[float | None],
              texts: list[str] | None, has_memory: bool) -> list[EditResult]:
     """Fold the flat probe scores back into one result per edit."""
     by: dict[tuple[int, str], list[float | None]] = {}
     route: dict[int, int | None] = {}
-    for (i, kind, _, _), (share, r) in zip(probes, scored):
+    ppl: dict[int, float | None] = {}
+    for (i, kind, _, _), (share, r, p) in zip(probes, scored):
         by.setdefault((i, kind), []).append(share)
         if kind == "rel":
-            route[i] = r
+            route[i], ppl[i] = r, p
     loc_iter = iter(loc)
     results = []
     for i, e in enumerate(edits):
@@ -270,5 +284,6 @@ def _results(edits: list[EditRecord], probes: list[tuple[int, str, str, str]],
             generated=(float(starts_with_target(text, e.target_new)) if texts is not None else None),
             portability=_mean(by.get((i, "port"), [])),
             generated_text=text,
-            routed=(r is not None and r != NO_MEMORY) if has_memory else None))
+            routed=(r is not None and r != NO_MEMORY) if has_memory else None,
+            perplexity=ppl.get(i)))
     return results

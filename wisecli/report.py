@@ -91,6 +91,8 @@ def eval_markdown(report: EvalReport) -> str:
                         ("locality", report.locality), ("generated accuracy", report.generated_accuracy),
                         ("portability", report.portability)]:
         lines.append(f"| {name} | {fmt(value)} |")
+    if report.perplexity is not None:
+        lines.append(f"| target perplexity | {report.perplexity:.3f} |")
     lines.append(f"| seconds | {report.seconds:.1f} |")
     if report.edits:
         cols, routed = _columns(report), _has(report, "routed")

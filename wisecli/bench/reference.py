@@ -24,8 +24,9 @@ def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> R
             logits = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask,
                            position_ids=sub.position_ids, use_cache=False).logits
             scores = mem.last_scores
+            tokens, weights = mem.last_token_scores
         finally:
             mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
         n, m = ce_idx.numel(), e_idx.numel()
-        return (logits[:n] if n else None), scores[n:n + m], scores[n + m:]
+        return (logits[:n] if n else None), scores[n:n + m], tokens[n + m:], weights[n + m:]
     return run

@@ -20,8 +20,8 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
-from .maths import (activation_score, common_basis, merge_ties, project_out, project_rows,
-                    scored_tokens, shard_mask)
+from .maths import (activation_score, common_basis, loudest_tokens, merge_ties, min_edit_score,
+                    project_out, project_rows, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
@@ -215,9 +215,35 @@ class WiseEditor:
                                              torch.full((1,), float("inf"), device=self.device)])
             mem.thresholds = torch.cat([mem.thresholds, torch.zeros(1, device=self.device)])
             self.state.memory_edit_counts.append(0)
-        scores = self._group_scores(results, edits, new)
-        mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
+        if cfg.keys_per_edit:
+            self._add_keys(edits, k, new)
+            # Every edit this memory holds, scored under the memory as it is now.
+            sel = mem.key_memory == k
+            mem.min_edit_scores[k] = min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new,
+                                                    mem.scale, mem.pooling)
+        else:
+            scores = self._group_scores(results, edits, new)
+            mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
         mem.thresholds[k] = cfg.act_ratio * mem.min_edit_scores[k]
         self.state.memory_edit_counts[k] += len(edits)
         return k
+
+    @torch.no_grad()
+    def _add_keys(self, edits: list[EditRecord], k: int, memory: torch.Tensor) -> None:
+        """Keep the loudest prompt activations of each edit under ``memory`` as router keys."""
+        mem = self.mem
+        batch = encode_pairs(self.tok, [e.prompt for e in edits], [None] * len(edits)).to(self.device)
+        seen: list[torch.Tensor] = []
+        handle = mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            with main_memory_only(mem):
+                self._run_to_layer(batch)
+        finally:
+            handle.remove()
+        acts, real = loudest_tokens(seen[0].float(), batch.query_mask, memory, self.cfg.keys_per_edit)
+        first = int(mem.key_edit.max()) + 1 if mem.key_edit.numel() else 0
+        owner = torch.arange(first, first + len(edits), device=self.device)[:, None].expand_as(real)
+        mem.edit_keys = torch.cat([mem.edit_keys, acts[real].to(mem.edit_keys.dtype)])
+        mem.key_edit = torch.cat([mem.key_edit, owner[real]])
+        mem.key_memory = torch.cat([mem.key_memory, torch.full((int(real.sum()),), k, device=self.device)])
 

@@ -21,11 +21,20 @@ def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None,
     paper's; ``max`` is not diluted by a long context before the question, nor by
     template words every prompt of a relation shares.
     """
+    return pool_scores(*token_scores(delta_out, token_mask), pooling)
+
+
+def token_scores(delta_out: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ‖D a_t‖₂ (zero where a token does not count) and the (B, T) weights."""
     norms = delta_out.float().norm(dim=-1)  # (B, T)
     m = scored_tokens(token_mask, norms)
+    return norms * m, m
+
+
+def pool_scores(norms: torch.Tensor, m: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "max":
-        return (norms * m).amax(dim=-1)
-    return (norms * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+        return norms.amax(dim=-1)
+    return norms.sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
 def scored_tokens(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -89,14 +98,51 @@ def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     return torch.where(above.any(dim=0), best, torch.full_like(best, NO_MEMORY))
 
 
-def margin_loss(edit_scores: torch.Tensor, irr_scores: torch.Tensor,
-                alpha: float, beta: float, gamma: float) -> torch.Tensor:
+def loudest_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` tokens with the largest ‖D a_t‖: the ones a max-pooled router keys on.
+
+    acts: (B, T, d_in), token_mask: (B, T).  Returns their activations (B, k, d_in) and
+    a (B, k) bool telling real tokens from filler where a prompt has fewer than ``k``.
+    """
+    norms, m = token_scores(F.linear(acts.float(), delta), token_mask)
+    norms = norms.masked_fill(m == 0, -1.0)
+    k = min(k, acts.shape[1])
+    top = norms.topk(k, dim=-1)
+    picked = torch.gather(acts, 1, top.indices[..., None].expand(-1, -1, acts.shape[-1]))
+    return picked, top.values >= 0
+
+
+def min_edit_score(keys: torch.Tensor, key_edit: torch.Tensor, delta: torch.Tensor,
+                   scale: torch.Tensor, pooling: str = "max") -> torch.Tensor:
+    """The lowest router score among the edits whose keys these are, under memory ``delta``.
+
+    An edit's score is the max over its keys (max pooling over its loudest tokens); under
+    mean pooling the mean of its keys stands in for the prompt's mean.  Returns a 0-d tensor.
+    """
+    norms = F.linear(keys.float(), delta).norm(dim=-1) / scale  # (M,)
+    edits, owner = torch.unique(key_edit, return_inverse=True)
+    reduce = "amax" if pooling == "max" else "mean"
+    per_edit = torch.zeros(edits.numel(), device=norms.device).scatter_reduce(
+        0, owner, norms, reduce=reduce, include_self=False)
+    return per_edit.min()
+
+
+def margin_loss(edit_scores: torch.Tensor, irr_tokens: torch.Tensor, irr_mask: torch.Tensor,
+                alpha: float, beta: float, gamma: float, pooling: str = "max") -> torch.Tensor:
     """Eq. (4) of the paper: push irrelevant scores under α, edit scores over β,
     and every (edit, irrelevant) pair at least γ apart.  Pairwise, so one outlier
-    negative cannot hide behind the batch mean."""
+    negative cannot hide behind the batch mean.
+
+    The α term is applied to every token of an irrelevant prompt, not to its pooled
+    score: under max pooling a pooled hinge only ever pushes the one loudest token
+    down, the next-loudest rises in its place, and unseen text keeps scoring high.
+    irr_tokens / irr_mask: (N, T) per-token scores and weights (``token_scores``).
+    """
     loss = F.relu(beta - edit_scores).mean()
-    if irr_scores.numel():
-        loss = loss + F.relu(irr_scores - alpha).mean()
+    if irr_tokens.numel():
+        irr_scores = pool_scores(irr_tokens, irr_mask, pooling)
+        loss = loss + (F.relu(irr_tokens - alpha) * irr_mask).sum() / irr_mask.sum().clamp_min(1)
         gap = edit_scores[:, None] - irr_scores[None, :]
         loss = loss + F.relu(gamma - gap).mean()
     return loss

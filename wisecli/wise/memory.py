@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import NO_MEMORY, activation_score, choose_memory, project_out
+from .maths import NO_MEMORY, activation_score, choose_memory, pool_scores, project_out, token_scores
 
 
 class SideMemoryLayer(nn.Module):
@@ -40,6 +40,14 @@ class SideMemoryLayer(nn.Module):
         # (d_in, r) orthonormal basis of what irrelevant text's activations share; side
         # memories read only the part of a_t outside it (see maths.project_out).
         self.register_buffer("basis", torch.zeros(in_features, 0, device=dev))
+        # Router keys: a few activations of each edit's prompt (its loudest tokens), so a
+        # threshold can be re-measured whenever a merge changes the memory: in merge mode
+        # every new shard raises all scores, and a threshold fixed at the first merge lets
+        # everything through by the hundredth edit.  key_edit: the edit each key belongs
+        # to (running count); key_memory: the side memory that holds it.
+        self.register_buffer("edit_keys", torch.zeros(0, in_features, dtype=torch.float16, device=dev))
+        self.register_buffer("key_edit", torch.zeros(0, dtype=torch.long, device=dev))
+        self.register_buffer("key_memory", torch.zeros(0, dtype=torch.long, device=dev))
         # Transient, never saved: set by the trainer and the routing context.
         self.train_delta: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
@@ -49,17 +57,25 @@ class SideMemoryLayer(nn.Module):
         self.enabled = True
         self.held_route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
+        self.last_token_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # training only
         self.last_route: torch.Tensor | None = None
 
     # ---- state ---------------------------------------------------------------
+    FLOAT_STATE = ("memories", "thresholds", "min_edit_scores", "scale", "basis")
+    KEY_STATE = ("edit_keys", "key_edit", "key_memory")
+
     def wise_state(self) -> dict[str, torch.Tensor]:
-        return {"memories": self.memories, "thresholds": self.thresholds,
-                "min_edit_scores": self.min_edit_scores, "scale": self.scale, "basis": self.basis}
+        return {name: getattr(self, name) for name in self.FLOAT_STATE + self.KEY_STATE}
 
     def load_wise_state(self, state: dict[str, torch.Tensor]) -> None:
         dev = self.memories.device
-        for name in ("memories", "thresholds", "min_edit_scores", "scale", "basis"):
+        for name in self.FLOAT_STATE:
             setattr(self, name, state[name].to(device=dev, dtype=torch.float32).clone())
+        # Keys are optional: a checkpoint without them keeps its thresholds as they are.
+        for name in self.KEY_STATE:
+            if name in state:
+                like = getattr(self, name)
+                setattr(self, name, state[name].to(device=dev, dtype=like.dtype).clone())
 
     @property
     def n_memories(self) -> int:
@@ -76,7 +92,9 @@ class SideMemoryLayer(nn.Module):
         out = self.base_layer(a)  # (B, T, d_out)
         if self.train_delta is not None:
             delta_out = F.linear(project_out(a.float(), self.basis), self.train_delta)
-            self.last_scores = activation_score(delta_out, self._mask_for(a.shape[1]), self.pooling) / self.scale
+            norms, m = token_scores(delta_out, self._mask_for(a.shape[1]))
+            self.last_token_scores = (norms / self.scale, m)
+            self.last_scores = pool_scores(norms, m, self.pooling) / self.scale
             return out + delta_out.to(out.dtype)
         if not self.enabled or self.n_memories == 0:
             return out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..batching import Batch
 from ..config import WiseConfig
-from .maths import activation_score, margin_loss, project_out, target_accuracy, target_nll
+from .maths import margin_loss, pool_scores, project_out, target_accuracy, target_nll, token_scores
 from .memory import SideMemoryLayer
 
 
@@ -131,10 +131,11 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
 
 
 RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                       tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
+                       tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]
 """(CE rows, scored edit rows, irrelevant rows, delta) -> (answer logits of the CE rows
-or None when there are none, edit scores, irrelevant scores).  Row indices are host
-tensors, so a forward can plan on them without waiting on the device."""
+or None when there are none, edit scores, irrelevant per-token scores and weights,
+see ``maths.token_scores``).  Row indices are host tensors, so a forward can plan on
+them without waiting on the device."""
 
 
 def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
@@ -164,9 +165,10 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     n_rows, seq = batch.input_ids.shape
     lengths = batch.attention_mask.sum(-1).cpu()  # host copy, so trimming never syncs
 
-    def scores(idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        out = F.linear(project_out(rec.acts[idx], mem.basis), delta)
-        return activation_score(out, batch.query_mask[idx], mem.pooling) / mem.scale
+    def scores(idx: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        norms, m = token_scores(F.linear(project_out(rec.acts[idx], mem.basis), delta),
+                                batch.query_mask[idx])
+        return norms / mem.scale, m
 
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
         logits, dev = None, delta.device
@@ -176,7 +178,8 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
             block_out = _map_rows(rec.block_out, idx, n_rows, seq, width) if layer > 0 else None
             sub = batch.rows(idx).last_cols(width)
             logits, _ = _edit_forward(model, mem, blocks, layer, sub, delta, block_out)
-        return logits, scores(e_idx.to(dev), delta), scores(i_idx.to(dev), delta)
+        e_tok, e_m = scores(e_idx.to(dev), delta)
+        return logits, pool_scores(e_tok, e_m, mem.pooling), *scores(i_idx.to(dev), delta)
     return run
 
 
@@ -231,9 +234,10 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
         ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
         ce_idx = rows[ce_edits].reshape(-1)
-        logits, e_scores, i_scores = run(ce_idx, rows.reshape(-1), i_idx, base_delta + tau * mask)
-        loss = cfg.margin_weight * margin_loss(e_scores, i_scores, cfg.margin_irrelevant,
-                                               cfg.margin_edit, cfg.margin_gap)
+        delta = base_delta + tau * mask
+        logits, e_scores, i_tokens, i_mask = run(ce_idx, rows.reshape(-1), i_idx, delta)
+        loss = cfg.margin_weight * margin_loss(e_scores, i_tokens, i_mask, cfg.margin_irrelevant,
+                                               cfg.margin_edit, cfg.margin_gap, cfg.score_pooling)
         if logits is not None:
             labels = batch.labels[ce_idx.to(dev)][:, -logits.shape[1]:]
             row_ce_edit = ce_edits.repeat_interleave(rows.shape[1]).to(dev)
@@ -254,7 +258,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
             now_wrong = wrong.cpu()
             training, was_wrong = now_wrong | was_wrong, now_wrong
             loss_val, n_active = float(loss.detach()), int(now_wrong.sum())
-            separated = i_scores.numel() == 0 or bool(i_scores.max() < cfg.act_ratio * e_scores.min())
+            separated = i_tokens.numel() == 0 or bool(i_tokens.max() < cfg.act_ratio * e_scores.min())
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and separated:
