@@ -35,8 +35,12 @@ test-fast: setup
 bench: setup
 	$(BIN)/wise bench smollm2-135m --compare-reference
 
+# The README's quality table (about 45 min on a 2-core CPU).
 bench-quality: setup
-	$(BIN)/python benchmarks/quality.py --dataset zsre --T 10 100 --mode merge
+	$(BIN)/python benchmarks/quality.py --dataset zsre --T 10 100 --negatives train --config benchmarks/train-negatives.yaml
+	$(BIN)/python benchmarks/quality.py --dataset zsre --T 100 --mode retrieve --negatives train --config benchmarks/train-negatives.yaml
+	$(BIN)/python benchmarks/quality.py --dataset counterfact --T 100 --negatives train --config benchmarks/train-negatives.yaml
+	$(BIN)/python benchmarks/quality.py --dataset zsre --T 40
 
 clean:
 	rm -rf demo-out .pytest_cache
