@@ -63,17 +63,19 @@ def test_activation_score_all_padding_row_is_zero_not_nan():
 # ---- choose_memory ---------------------------------------------------------------
 
 
-def test_choose_memory_picks_highest_score_above_its_threshold():
-    # (K=3, B=4)
-    scores = torch.tensor([[0.9, 0.1, 0.5, 0.2],
-                           [0.8, 0.3, 0.7, 0.1],
-                           [1.0, 0.2, 0.6, 0.3]])
+def test_choose_memory_picks_widest_clearance_of_its_threshold():
+    # (K=3, B=5)
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.2, 2.0],
+                           [0.8, 0.3, 0.7, 0.1, 0.1],
+                           [1.0, 0.2, 0.6, 0.3, 3.0]])
     thresholds = torch.tensor([0.5, 0.2, 2.0])
     route = choose_memory(scores, thresholds)
-    # row 0: memory 2 has the top score but not above its threshold 2.0 -> memory 0 (0.9 > 0.8)
-    # row 1: only memory 1 clears (0.3 > 0.2); row 2: memory 1 (0.7) beats memory 0 (0.5 not > 0.5)
+    # row 0: memory 2 has the top score but not above its threshold 2.0; memory 1 clears
+    #        0.2 by 4x, memory 0 clears 0.5 by 1.8x -> memory 1, though 0.8 < 0.9
+    # row 1: only memory 1 clears (0.3 > 0.2); row 2: memory 1 (0.7 > 0.2; 0.5 is not > 0.5)
     # row 3: nothing clears -> main memory
-    assert route.tolist() == [0, 1, 1, NO_MEMORY]
+    # row 4: memory 0 clears by 4x, memory 2 by 1.5x -> memory 0, though 3.0 is the top score
+    assert route.tolist() == [1, 1, 1, NO_MEMORY, 0]
     assert route.dtype == torch.long
 
 

@@ -17,9 +17,7 @@ from .memory import SideMemoryLayer, main_memory_only
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "We")
 
 # Neutral openings, half statements and half questions: the router must learn to
-# stay quiet on questions too, since edit prompts are often questions.  The lowercase
-# ones yield queries as people type them into a search box, a style of text that
-# capitalised prose never shows the router.
+# stay quiet on questions too, since edit prompts are often questions.
 NEGATIVE_SEEDS = (
     "The", "In", "A", "It is", "My", "There are", "One of the", "After the", "Many people",
     "Today", "According to", "The best way to", "I think", "Scientists", "The history of",
@@ -28,8 +26,6 @@ NEGATIVE_SEEDS = (
     "The capital of", "The author of", "The president of", "The language spoken in",
     "The company", "The river", "The song", "The film", "The team", "She was born in",
     "He plays", "The city of", "The book", "The largest", "The first",
-    "who sang", "when does the", "what is the name of the", "how many", "where was the",
-    "who plays", "when was the last time", "what year did", "who wrote the", "where does the",
 )
 
 
