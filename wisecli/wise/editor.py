@@ -84,6 +84,18 @@ class WiseEditor:
         The median, not the mean: a few tokens carry activations 100x the rest.
         Also sets the layer's null-space basis from the same activations.
         """
+        batch, raw = self._layer_inputs(texts)
+        acts = raw.float()
+        keep = scored_tokens(batch.attention_mask, acts[..., 0]) > 0
+        # Never more than an eighth of the space: the rest must stay free for the edits.
+        rank = min(self.cfg.null_space_rank, self.mem.in_features // 8)
+        self.mem.basis = common_basis(acts[keep], rank).to(self.device)
+        norms = self.mem.base_layer(raw).float().norm(dim=-1)
+        return float(norms[keep].median().clamp_min(1e-6))
+
+    @torch.no_grad()
+    def _layer_inputs(self, texts: list[str]) -> tuple[Batch, torch.Tensor]:
+        """The unedited model's input to the side-memory layer for each text (B, T, d_in)."""
         batch = encode_pairs(self.tok, texts, [None] * len(texts)).to(self.device)
         seen: list[torch.Tensor] = []
         handle = self.mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -92,13 +104,7 @@ class WiseEditor:
                 self._run_to_layer(batch)
         finally:
             handle.remove()
-        acts = seen[0].float()
-        keep = scored_tokens(batch.attention_mask, acts[..., 0]) > 0
-        # Never more than an eighth of the space: the rest must stay free for the edits.
-        rank = min(self.cfg.null_space_rank, self.mem.in_features // 8)
-        self.mem.basis = common_basis(acts[keep], rank).to(self.device)
-        norms = self.mem.base_layer(seen[0]).float().norm(dim=-1)
-        return float(norms[keep].median().clamp_min(1e-6))
+        return batch, seen[0]
 
     def _run_to_layer(self, batch: Batch) -> None:
         """Forward pass that stops right after the side-memory layer (scores only)."""
@@ -232,15 +238,8 @@ class WiseEditor:
     def _add_keys(self, edits: list[EditRecord], k: int, memory: torch.Tensor) -> None:
         """Keep the loudest prompt activations of each edit under ``memory`` as router keys."""
         mem = self.mem
-        batch = encode_pairs(self.tok, [e.prompt for e in edits], [None] * len(edits)).to(self.device)
-        seen: list[torch.Tensor] = []
-        handle = mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
-            with main_memory_only(mem):
-                self._run_to_layer(batch)
-        finally:
-            handle.remove()
-        acts, real = loudest_tokens(seen[0].float(), batch.query_mask, memory, self.cfg.keys_per_edit)
+        batch, raw = self._layer_inputs([e.prompt for e in edits])
+        acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
         first = int(mem.key_edit.max()) + 1 if mem.key_edit.numel() else 0
         owner = torch.arange(first, first + len(edits), device=self.device)[:, None].expand_as(real)
         mem.edit_keys = torch.cat([mem.edit_keys, acts[real].to(mem.edit_keys.dtype)])
