@@ -9,6 +9,7 @@ from wisecli.wise.maths import (
     NO_MEMORY,
     activation_score,
     choose_memory,
+    key_similarity,
     margin_loss,
     merge_ties,
     scored_tokens,
@@ -264,3 +265,35 @@ def test_projected_memory_reads_projected_activations():
     torch.testing.assert_close(a @ project_rows(delta, basis).T, project_out(a, basis) @ delta.T)
     # the memory is silent on the directions it projects out
     assert (project_rows(delta, basis) @ basis).abs().max() < 1e-5
+
+
+def test_key_similarity_best_token_and_key_per_memory():
+    keys = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    key_memory = torch.tensor([0, 0, 1])
+    # row 0: first token (the sink) would match memory 1 exactly but is not scored;
+    # its second token lies between keys 0 and 1, its third on key 1.
+    acts = torch.tensor([[[0, 0, 5.0], [1.0, 1.0, 0], [0, 2.0, 0]],
+                         [[9.0, 9.0, 9.0], [0, 0, 3.0], [0, 0, 0]]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    sims = key_similarity(acts, mask, keys, key_memory, n_memories=3)
+    assert sims.shape == (3, 2)
+    torch.testing.assert_close(sims[0], torch.tensor([1.0, 0.0]))  # memory 0, per row
+    torch.testing.assert_close(sims[1], torch.tensor([0.0, 1.0]))
+    assert (sims[2] == -1).all()  # a memory without keys
+
+
+def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
+    from wisecli.wise.memory import SideMemoryLayer
+    base = torch.nn.Linear(4, 2, bias=False)
+    mem = SideMemoryLayer(base, "linear", 4, 2)
+    mem.memories = torch.ones(1, 2, 4)
+    mem.thresholds = torch.tensor([0.5])
+    mem.edit_keys = torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float16)
+    mem.key_edit, mem.key_memory = torch.tensor([0]), torch.tensor([0])
+    a = torch.tensor([[[0, 0, 0, 1.0], [3.0, 0, 0, 0]],   # second token is the key: routed
+                      [[0, 0, 0, 1.0], [0, 3.0, 0, 0]]])  # orthogonal to it: gated off
+    mem.forward(a)
+    assert mem.last_route.tolist() == [0, 0]  # no gate: the score alone routes both
+    mem.key_gate = 0.9
+    mem.forward(a)
+    assert mem.last_route.tolist() == [0, NO_MEMORY]

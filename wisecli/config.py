@@ -42,6 +42,10 @@ class WiseConfig:
     # Activations kept per edit (its prompt's loudest tokens) to re-measure the threshold
     # after every merge; see SideMemoryLayer.edit_keys.  0 keeps none (threshold frozen).
     keys_per_edit: int = 4
+    # Key gate: a memory answers a prompt only if one of the prompt's tokens has cosine
+    # >= key_gate with one of the memory's keys (in the null-space-projected activations).
+    # 0 turns it off.  See DESIGN.md "Key gate".
+    key_gate: float = 0.0
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
@@ -97,6 +101,8 @@ class WiseConfig:
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")
         _check(0.0 < self.ties_density <= 1.0, "ties_density", "must be in (0, 1]")
         _check(0.0 < self.act_ratio <= 1.0, "act_ratio", "must be in (0, 1]")
+        _check(0.0 <= self.key_gate < 1.0, "key_gate", "must be in [0, 1)")
+        _check(self.key_gate == 0 or self.keys_per_edit > 0, "key_gate", "needs keys_per_edit >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
         _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")

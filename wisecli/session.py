@@ -80,6 +80,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         mem.load_wise_state(tensors)
         mem.hold = bool(manifest["config"].get("hold_routing", True))
         mem.pooling = manifest["config"].get("score_pooling", "mean")
+        mem.key_gate = float(manifest["config"].get("key_gate", 0.0))
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
                    time.perf_counter() - t0)

@@ -55,7 +55,7 @@ class WiseEditor:
         self.state = state or EditorState()
         self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
-        mem.pooling, mem.hold = cfg.score_pooling, cfg.hold_routing
+        mem.pooling, mem.hold, mem.key_gate = cfg.score_pooling, cfg.hold_routing, cfg.key_gate
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
 

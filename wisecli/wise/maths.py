@@ -102,6 +102,25 @@ def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     return torch.where(above.any(dim=0), best, torch.full_like(best, NO_MEMORY))
 
 
+def key_similarity(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
+                   key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
+    """Per memory, the best cosine between any scored token of a prompt and any of its keys.
+
+    acts: (B, T, d_in) projected activations (``project_out``); keys: (M, d_in) unit-norm,
+    projected the same way; key_memory: (M,) the memory each key belongs to.  Returns (K, B),
+    -1 for a memory with no key.  Unlike the score ‖D a‖, this does not grow as a merged
+    memory takes in more edits: a key is an edit prompt's own activation, fixed when the
+    edit is made, so what it tells apart at the first edit it still tells apart at the
+    thousandth.
+    """
+    sim = F.normalize(acts.float(), dim=-1) @ keys.float().T  # (B, T, M)
+    m = scored_tokens(token_mask, sim[..., 0])
+    best = sim.masked_fill(m[..., None] == 0, -1.0).amax(dim=1)  # (B, M)
+    out = torch.full((n_memories, best.shape[0]), -1.0, device=best.device)
+    index = key_memory[:, None].expand(-1, best.shape[0])
+    return out.scatter_reduce(0, index, best.T, reduce="amax", include_self=True)
+
+
 def loudest_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``k`` tokens with the largest ‖D a_t‖: the ones a max-pooled router keys on.

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import NO_MEMORY, activation_score, choose_memory, pool_scores, project_out, token_scores
+from .maths import (NO_MEMORY, activation_score, choose_memory, key_similarity, pool_scores, project_out,
+                    token_scores)
 
 
 class SideMemoryLayer(nn.Module):
@@ -55,6 +56,11 @@ class SideMemoryLayer(nn.Module):
         self.hold = True
         self.pooling = "mean"  # set from WiseConfig.score_pooling
         self.enabled = True
+        # Cosine a prompt token must reach with one of a memory's keys for that memory to be
+        # used (WiseConfig.key_gate; 0: the score alone decides).
+        self.key_gate = 0.0
+        self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_key_sims: torch.Tensor | None = None
         self.held_route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
         self.last_token_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # training only
@@ -76,6 +82,15 @@ class SideMemoryLayer(nn.Module):
             if name in state:
                 like = getattr(self, name)
                 setattr(self, name, state[name].to(device=dev, dtype=like.dtype).clone())
+
+    def unit_keys(self) -> torch.Tensor:
+        """The keys as the gate reads them: projected like the activations, unit norm.
+
+        Cached until ``edit_keys`` is replaced (every merge makes a new tensor)."""
+        if self._unit_keys is None or self._unit_keys[0] is not self.edit_keys:
+            unit = F.normalize(project_out(self.edit_keys.float(), self.basis), dim=-1)
+            self._unit_keys = (self.edit_keys, unit)
+        return self._unit_keys[1]
 
     @property
     def n_memories(self) -> int:
@@ -106,6 +121,11 @@ class SideMemoryLayer(nn.Module):
         else:
             mask = self._mask_for(a.shape[1])
             scores = torch.stack([activation_score(d, mask, self.pooling) for d in deltas]) / self.scale  # (K, B)
+            if self.key_gate > 0 and self.edit_keys.shape[0]:
+                sims = key_similarity(project_out(a32, self.basis), mask, self.unit_keys(),
+                                      self.key_memory, self.n_memories)
+                scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
+                self.last_key_sims = sims
             route = choose_memory(scores, self.thresholds)
             self.last_scores = scores
             self.held_route = route
