@@ -12,6 +12,8 @@ from wisecli.wise.maths import (
     key_similarity,
     margin_loss,
     merge_ties,
+    replay_penalty,
+    second_moment,
     scored_tokens,
     shard_mask,
     target_accuracy,
@@ -297,3 +299,16 @@ def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
     mem.key_gate = 0.9
     mem.forward(a)
     assert mem.last_route.tolist() == [0, NO_MEMORY]
+
+
+def test_replay_penalty_is_mean_squared_output_change_on_earlier_tokens():
+    torch.manual_seed(0)
+    acts = torch.randn(2, 4, 5)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding; first real token dropped
+    total, n = second_moment(acts, mask)
+    kept = torch.cat([acts[0, 2:], acts[1, 1:]])
+    assert n == 5
+    torch.testing.assert_close(total, kept.T @ kept)
+    change = torch.randn(3, 5)
+    want = (kept @ change.T).pow(2).sum(-1).mean()
+    torch.testing.assert_close(replay_penalty(change, total / n), want)

@@ -87,7 +87,7 @@ def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
     assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
-                          "edit_keys", "key_edit", "key_memory"}
+                          "edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
@@ -325,3 +325,28 @@ def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
         assert torch.equal(sess.mem.last_route, plain)  # and used for the last generated token
     else:
         assert len(calls) == new_tokens             # the control: every step re-decides
+
+
+def test_replay_keeps_earlier_edits_output_in_merge_mode(model_dir):
+    """With replay, training a second shard on top of the first changes the memory's
+    output on the first shard's activations less than without, and the running
+    second moment counts every token of the first shard's rows."""
+    changes = {}
+    for weight in (0.0, 100.0):
+        sess = open_model(str(model_dir), device="cpu")
+        cfg = WiseConfig(**{**LEARN, "edits_per_shard": 1, "shards_per_merge": 1, "replay_weight": weight})
+        editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+        editor.prepare()
+        editor.apply(RECORDS[:1])
+        first = sess.mem.memories[0].clone()
+        batch, acts = editor._layer_inputs([RECORDS[0].prompt + " " + RECORDS[0].target_new])
+        acts = acts.float()
+        editor.apply(RECORDS[1:2])
+        moved = torch.nn.functional.linear(acts, sess.mem.memories[0] - first).norm()
+        changes[weight] = float(moved / torch.nn.functional.linear(acts, first).norm())
+        if weight:
+            assert sess.mem.replay_cov.shape == (sess.mem.in_features,) * 2
+            assert float(sess.mem.replay_count) > 0
+        else:
+            assert sess.mem.replay_cov.numel() == 0
+    assert changes[100.0] < 0.5 * changes[0.0], changes

@@ -50,6 +50,10 @@ class WiseConfig:
     margin_edit: float = 0.5          # beta: edit prompts rise above this
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
     margin_weight: float = 1.0
+    # Replay (merge mode): each new group is trained to leave the memory's output on earlier
+    # edits' activations as it was, a penalty replay_weight × mean ‖τ a‖² / scale² over
+    # their tokens, kept as one d_in × d_in second-moment matrix.  0 turns it off.
+    replay_weight: float = 0.0
     # Optimisation of one shard.
     # SGD, not Adam: SGD's update is a sum of (gradient ⊗ activation) outer products, so
     # the side memory answers the edits' activations and stays small on everything
@@ -104,6 +108,7 @@ class WiseConfig:
         _check(0.0 <= self.key_gate < 1.0, "key_gate", "must be in [0, 1)")
         _check(self.key_gate == 0 or self.keys_per_edit > 0, "key_gate", "needs keys_per_edit >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.replay_weight >= 0, "replay_weight", "must be >= 0")
         _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
         _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")

@@ -21,7 +21,7 @@ from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
 from .maths import (activation_score, common_basis, loudest_tokens, merge_ties, min_edit_score,
-                    project_out, project_rows, scored_tokens, shard_mask)
+                    project_out, project_rows, scored_tokens, second_moment, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
@@ -190,7 +190,8 @@ class WiseEditor:
                                   "shard": index, "shard_size": _n})
                 forward = self.forward_factory(batch.to(self.device)) if self.forward_factory else None
                 res = train_shard(self.model, self.mem, self.blocks, self.layer, batch, row_edit,
-                                  start, mask, cfg, forward=forward, progress=report)
+                                  start, mask, cfg, forward=forward, progress=report,
+                                  replay=self._replay())
                 results.append(res)
                 self.state.shards_trained += 1
                 done += len(shard)
@@ -203,6 +204,30 @@ class WiseEditor:
             for p in placed[len(placed) - sum(len(s) for s in group):]:
                 p["memory"] = k
         return placed
+
+    def _replay(self) -> torch.Tensor | None:
+        """Earlier edits' mean a aᵀ, when new shards train on top of them (merge mode)."""
+        mem = self.mem
+        if self.cfg.mode != "merge" or not self.cfg.replay_weight or not mem.replay_cov.numel():
+            return None
+        return mem.replay_cov
+
+    @torch.no_grad()
+    def _add_replay(self, results: list[ShardResult]) -> None:
+        """Fold the group's edit-row activations (answers and prefixed copies too) into replay_cov."""
+        mem = self.mem
+        if self.cfg.mode != "merge" or not self.cfg.replay_weight \
+                or any(r.edit_acts is None for r in results):
+            return
+        d = mem.in_features
+        total = mem.replay_cov * mem.replay_count if mem.replay_cov.numel() \
+            else torch.zeros(d, d, device=self.device)
+        count = float(mem.replay_count)
+        for r in results:
+            m, n = second_moment(project_out(r.edit_acts.float(), mem.basis), r.edit_attn)
+            total, count = total + m, count + n
+        mem.replay_cov = total / max(count, 1.0)
+        mem.replay_count = torch.tensor(count, device=self.device)
 
     def _merge(self, results: list[ShardResult], start: torch.Tensor,
                edits: list[EditRecord]) -> int:
@@ -231,6 +256,7 @@ class WiseEditor:
             scores = self._group_scores(results, edits, new)
             mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
         mem.thresholds[k] = cfg.act_ratio * mem.min_edit_scores[k]
+        self._add_replay(results)
         self.state.memory_edit_counts[k] += len(edits)
         return k
 

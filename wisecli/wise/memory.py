@@ -49,6 +49,10 @@ class SideMemoryLayer(nn.Module):
         self.register_buffer("edit_keys", torch.zeros(0, in_features, dtype=torch.float16, device=dev))
         self.register_buffer("key_edit", torch.zeros(0, dtype=torch.long, device=dev))
         self.register_buffer("key_memory", torch.zeros(0, dtype=torch.long, device=dev))
+        # Merge mode: mean a aᵀ of the (projected) activations of every edit the memory holds,
+        # for the replay penalty (maths.replay_penalty); replay_count tokens so far.
+        self.register_buffer("replay_cov", torch.zeros(0, 0, device=dev))
+        self.register_buffer("replay_count", torch.zeros((), device=dev))
         # Transient, never saved: set by the trainer and the routing context.
         self.train_delta: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
@@ -59,6 +63,7 @@ class SideMemoryLayer(nn.Module):
         # Cosine a prompt token must reach with one of a memory's keys for that memory to be
         # used (WiseConfig.key_gate; 0: the score alone decides).
         self.key_gate = 0.0
+        self.select_by_key = True
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_key_sims: torch.Tensor | None = None
         self.held_route: torch.Tensor | None = None
@@ -68,7 +73,7 @@ class SideMemoryLayer(nn.Module):
 
     # ---- state ---------------------------------------------------------------
     FLOAT_STATE = ("memories", "thresholds", "min_edit_scores", "scale", "basis")
-    KEY_STATE = ("edit_keys", "key_edit", "key_memory")
+    KEY_STATE = ("edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count")
 
     def wise_state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.FLOAT_STATE + self.KEY_STATE}
@@ -77,7 +82,8 @@ class SideMemoryLayer(nn.Module):
         dev = self.memories.device
         for name in self.FLOAT_STATE:
             setattr(self, name, state[name].to(device=dev, dtype=torch.float32).clone())
-        # Keys are optional: a checkpoint without them keeps its thresholds as they are.
+        # Keys and replay are optional: a checkpoint without them keeps its thresholds as
+        # they are and trains new edits without replay.
         for name in self.KEY_STATE:
             if name in state:
                 like = getattr(self, name)
@@ -126,7 +132,9 @@ class SideMemoryLayer(nn.Module):
                                       self.key_memory, self.n_memories)
                 scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
                 self.last_key_sims = sims
-            route = choose_memory(scores, self.thresholds)
+                route = choose_memory(scores, self.thresholds, sims if self.select_by_key else None)
+            else:
+                route = choose_memory(scores, self.thresholds)
             self.last_scores = scores
             self.held_route = route
         self.last_route = route

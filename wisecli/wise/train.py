@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..batching import Batch
 from ..config import WiseConfig
-from .maths import margin_loss, pool_scores, project_out, target_accuracy, target_nll, token_scores
+from .maths import (margin_loss, pool_scores, project_out, replay_penalty, target_accuracy, target_nll,
+                    token_scores)
 from .memory import SideMemoryLayer
 
 
@@ -35,6 +36,7 @@ class ShardResult:
     # router threshold after a merge needs no new forward pass.
     edit_acts: torch.Tensor | None = None
     edit_mask: torch.Tensor | None = None
+    edit_attn: torch.Tensor | None = None  # all their real tokens (answers too), for replay
 
 
 IRRELEVANT = -1   # row_edit of generic irrelevant rows (a sample of them in each step)
@@ -197,7 +199,8 @@ def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
-                progress: Callable[[int, float, int], None] | None = None) -> ShardResult:
+                progress: Callable[[int, float, int], None] | None = None,
+                replay: torch.Tensor | None = None) -> ShardResult:
     """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits.
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
@@ -205,7 +208,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     Per-edit early stopping: every ``check_every`` steps all edits are checked;
     in between only the edits still wrong at the last check get the cross-entropy
     (and a forward pass), so a shard gets cheaper as its edits are learned, and the
-    row choice never waits on the device.  ``forward`` computes a step (default:
+    row choice never waits on the device.  ``replay``: earlier edits' mean a aᵀ (merge
+    mode), whose outputs τ must leave alone.  ``forward`` computes a step (default:
     ``fast_forward``; the benchmark passes its reference).  Leaves the model as it
     found it.
     """
@@ -247,6 +251,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
             # A learned edit stops contributing; it comes back if it slips.
             weight = wrong[row_ce_edit].float()
             loss = loss + (nll * weight).sum() / weight.sum().clamp_min(1)
+        if replay is not None and cfg.replay_weight:
+            loss = loss + cfg.replay_weight * replay_penalty(tau * mask, replay) / mem.scale ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -268,4 +274,5 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     return ShardResult(delta=delta, steps=step, loss=loss_val, learned=n_edits - int(was_wrong.sum()),
                        n_edits=n_edits, seconds=time.perf_counter() - t0,
                        edit_acts=rec.acts[rows] if rec else None,
-                       edit_mask=batch.query_mask[rows] if rec else None)
+                       edit_mask=batch.query_mask[rows] if rec else None,
+                       edit_attn=batch.attention_mask[rows] if rec else None)
