@@ -45,7 +45,7 @@ class WiseConfig:
     # Key gate: a memory answers a prompt only if one of the prompt's tokens has cosine
     # >= key_gate with one of the memory's keys (in the null-space-projected activations).
     # 0 turns it off.  See DESIGN.md "Key gate".
-    key_gate: float = 0.0
+    key_gate: float = 0.85
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
@@ -53,7 +53,7 @@ class WiseConfig:
     # Replay (merge mode): each new group is trained to leave the memory's output on earlier
     # edits' activations as it was, a penalty replay_weight × mean ‖τ a‖² / scale² over
     # their tokens, kept as one d_in × d_in second-moment matrix.  0 turns it off.
-    replay_weight: float = 0.0
+    replay_weight: float = 10.0
     # Optimisation of one shard.
     # SGD, not Adam: SGD's update is a sum of (gradient ⊗ activation) outer products, so
     # the side memory answers the edits' activations and stays small on everything
