@@ -5,6 +5,15 @@ A patched directory is a base Hugging Face checkpoint plus ``wise.safetensors``
 safetensors and JSON are ever read -- never pickle -- so a checkpoint from
 someone else cannot run code, and old checkpoints keep loading on newer PyTorch.
 
+``wise.safetensors`` holds the ``SideMemoryLayer`` buffers (``wise_state``):
+  memories (K, d_out, d_in) f32   side memories as deltas D_k = W'_k - W, null-space projected
+  thresholds, min_edit_scores (K,) router threshold per memory, and the score it derives from
+  scale () f32, basis (d_in, r) f32   score unit; directions side memories ignore
+  edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys (threshold re-measure,
+                                   key gate), the edit and the memory each belongs to
+  replay_cov (d_in, d_in) f32, replay_count ()   merge mode: earlier edits' mean a a^T
+The last five are optional on load (checkpoints written before them still open).
+
 Invariant: nothing half-written is ever visible at the output path.  A write is
 built in a temporary sibling directory and renamed into place only when complete.
 """
