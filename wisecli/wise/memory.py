@@ -63,7 +63,6 @@ class SideMemoryLayer(nn.Module):
         # Cosine a prompt token must reach with one of a memory's keys for that memory to be
         # used (WiseConfig.key_gate; 0: the score alone decides).
         self.key_gate = 0.0
-        self.select_by_key = True
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_key_sims: torch.Tensor | None = None
         self.held_route: torch.Tensor | None = None
@@ -73,10 +72,10 @@ class SideMemoryLayer(nn.Module):
 
     # ---- state ---------------------------------------------------------------
     FLOAT_STATE = ("memories", "thresholds", "min_edit_scores", "scale", "basis")
-    KEY_STATE = ("edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count")
+    OPTIONAL_STATE = ("edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count")
 
     def wise_state(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.FLOAT_STATE + self.KEY_STATE}
+        return {name: getattr(self, name) for name in self.FLOAT_STATE + self.OPTIONAL_STATE}
 
     def load_wise_state(self, state: dict[str, torch.Tensor]) -> None:
         dev = self.memories.device
@@ -84,7 +83,7 @@ class SideMemoryLayer(nn.Module):
             setattr(self, name, state[name].to(device=dev, dtype=torch.float32).clone())
         # Keys and replay are optional: a checkpoint without them keeps its thresholds as
         # they are and trains new edits without replay.
-        for name in self.KEY_STATE:
+        for name in self.OPTIONAL_STATE:
             if name in state:
                 like = getattr(self, name)
                 setattr(self, name, state[name].to(device=dev, dtype=like.dtype).clone())
@@ -132,7 +131,7 @@ class SideMemoryLayer(nn.Module):
                                       self.key_memory, self.n_memories)
                 scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
                 self.last_key_sims = sims
-                route = choose_memory(scores, self.thresholds, sims if self.select_by_key else None)
+                route = choose_memory(scores, self.thresholds, sims)  # the closest key's memory
             else:
                 route = choose_memory(scores, self.thresholds)
             self.last_scores = scores
