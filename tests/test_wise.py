@@ -131,6 +131,18 @@ def test_fast_path_equals_full_forward_reference(request, arch, layer):
     rel = (fast.delta - full.delta).norm() / fast.delta.norm()
     assert rel.item() <= 1e-4
     assert fast.loss == pytest.approx(full.loss, rel=1e-4)
+    # the irrelevant prompts' activations recorded once (as the editor keeps them) give
+    # the same memory, and the lower blocks then run on the edit and near-miss rows only
+    rows, known = [], editor._negative_acts()
+    handle = sess.blocks[0].register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    try:
+        cached = train_shard(sess.model, sess.mem, sess.blocks, layer, batch, row_edit, base, mask, cfg,
+                             known=known)
+    finally:
+        handle.remove()
+    assert rows == [int((row_edit != -1).sum())]
+    assert ((cached.delta - full.delta).norm() / full.delta.norm()).item() <= 1e-4
+    assert torch.allclose(cached.edit_acts, fast.edit_acts, atol=1e-5)
     # the model is left as it was found
     assert sess.mem.train_delta is None and sess.mem.token_mask is None
     assert all(type(b).__name__ != "_Replay" for b in sess.blocks)

@@ -58,6 +58,7 @@ class WiseEditor:
         mem.pooling, mem.hold, mem.key_gate = cfg.score_pooling, cfg.hold_routing, cfg.key_gate
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
+        self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -118,6 +119,17 @@ class WiseEditor:
             pass
         finally:
             handle.remove()
+
+    def _negative_acts(self) -> torch.Tensor:
+        """The irrelevant prompts' inputs to the layer, recorded once for every shard.
+
+        They are the same prompts in every shard and nothing below the side memory
+        changes, so running them again per shard (most of the rows) is wasted work.
+        """
+        key = tuple(self.state.negatives)
+        if self._known is None or self._known[0] != key:
+            self._known = (key, self._layer_inputs(list(key))[1])
+        return self._known[1]
 
     # ---- training rows -----------------------------------------------------------
     def shard_batch(self, edits: list[EditRecord]) -> tuple[Batch, torch.Tensor]:
@@ -189,9 +201,10 @@ class WiseEditor:
                         progress({"done": _d, "step": step, "loss": loss, "active": active,
                                   "shard": index, "shard_size": _n})
                 forward = self.forward_factory(batch.to(self.device)) if self.forward_factory else None
+                known = self._negative_acts() if forward is None and self.state.negatives else None
                 res = train_shard(self.model, self.mem, self.blocks, self.layer, batch, row_edit,
                                   start, mask, cfg, forward=forward, progress=report,
-                                  replay=self._replay())
+                                  replay=self._replay(), known=known)
                 results.append(res)
                 self.state.shards_trained += 1
                 done += len(shard)

@@ -89,13 +89,25 @@ def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 class Recorded:
     """What does not change while τ trains: recorded once per shard."""
 
-    block_out: Any          # output of block L-1 for every row (None when L == 0)
+    block_out: Any          # output of block L-1 for the first ``n_live`` rows (None when L == 0)
     acts: torch.Tensor      # (R, T, d_in) input of the projection at layer L, every row
+    n_live: int = 0         # rows run through the model (the rest came from ``known``)
+    live_width: int = 0     # positions kept for those rows (the rest is padding in all of them)
 
 
 def record_inputs(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer, layer: int,
-                  batch: Batch) -> Recorded:
-    """One forward pass that stops at the side-memory layer, keeping its inputs."""
+                  batch: Batch, known: torch.Tensor | None = None) -> Recorded:
+    """One forward pass that stops at the side-memory layer, keeping its inputs.
+
+    ``known``: (K, T_k, d_in) activations of the batch's last K rows, already recorded
+    (the irrelevant prompts are the same in every shard, and were most of this pass's
+    cost), left-padded like the batch.  Only the other rows run; the result is the same.
+    """
+    n_rows, seq = batch.input_ids.shape
+    n_known = 0 if known is None else known.shape[0]
+    n_live = n_rows - n_known
+    width = int(batch.attention_mask[:n_live].sum(-1).max()) if n_live else 0
+    live = batch.rows(torch.arange(n_live, device=batch.input_ids.device)).last_cols(width)
     store: dict[str, Any] = {"block_out": None}
 
     def keep_block(_m: nn.Module, _inp: Any, output: Any) -> None:
@@ -105,18 +117,28 @@ def record_inputs(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer,
         store["acts"] = args[0].detach()
         raise _Stop
 
-    handles = [mem.register_forward_pre_hook(keep_acts)]
-    if layer > 0:
-        handles.append(blocks[layer - 1].register_forward_hook(keep_block))
-    try:
-        with torch.no_grad():
-            model(**_model_inputs(batch))
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return Recorded(store["block_out"], store["acts"])
+    if n_live:
+        handles = [mem.register_forward_pre_hook(keep_acts)]
+        if layer > 0:
+            handles.append(blocks[layer - 1].register_forward_hook(keep_block))
+        try:
+            with torch.no_grad():
+                model(**_model_inputs(live))
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    if n_known == 0 and width == seq:
+        return Recorded(store["block_out"], store["acts"], n_live, width)
+    like = store["acts"] if n_live else known
+    acts = like.new_zeros(n_rows, seq, like.shape[-1])
+    if n_live:
+        acts[:n_live, seq - width:] = store["acts"]
+    if n_known:
+        k_width = min(known.shape[1], seq)
+        acts[n_live:, seq - k_width:] = known[:, -k_width:].to(acts.dtype)
+    return Recorded(store["block_out"], acts, n_live, width)
 
 
 @contextmanager
@@ -164,7 +186,6 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     is recorded once and every row is scored with one matmul per step.  Only rows
     whose answers are still being learned run the blocks above L.
     """
-    n_rows, seq = batch.input_ids.shape
     lengths = batch.attention_mask.sum(-1).cpu()  # host copy, so trimming never syncs
 
     def scores(idx: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +198,8 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
         if ce_idx.numel():
             width = int(lengths[ce_idx].max())  # these rows' longest: the rest is padding
             idx = ce_idx.to(dev)
-            block_out = _map_rows(rec.block_out, idx, n_rows, seq, width) if layer > 0 else None
+            block_out = _map_rows(rec.block_out, idx, rec.n_live, rec.live_width, width) \
+                if layer > 0 else None
             sub = batch.rows(idx).last_cols(width)
             logits, _ = _edit_forward(model, mem, blocks, layer, sub, delta, block_out)
         e_tok, e_m = scores(e_idx.to(dev), delta)
@@ -200,7 +222,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
                 progress: Callable[[int, float, int], None] | None = None,
-                replay: torch.Tensor | None = None) -> ShardResult:
+                replay: torch.Tensor | None = None, known: torch.Tensor | None = None) -> ShardResult:
     """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits.
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
@@ -209,7 +231,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     in between only the edits still wrong at the last check get the cross-entropy
     (and a forward pass), so a shard gets cheaper as its edits are learned, and the
     row choice never waits on the device.  ``replay``: earlier edits' mean a aᵀ (merge
-    mode), whose outputs τ must leave alone.  ``forward`` computes a step (default:
+    mode), whose outputs τ must leave alone.  ``known``: the irrelevant rows' recorded
+    activations (see ``record_inputs``).  ``forward`` computes a step (default:
     ``fast_forward``; the benchmark passes its reference).  Leaves the model as it
     found it.
     """
@@ -226,7 +249,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rec = record_inputs(model, blocks, mem, layer, batch) if forward is None else None
+    rec = record_inputs(model, blocks, mem, layer, batch, known) if forward is None else None
     run = forward or fast_forward(model, mem, blocks, layer, batch, rec)
     # Host side: the edits that get the cross-entropy.  One leaves only once it was
     # right at two checks in a row, so an edit that just got there is not left to slip.
