@@ -117,7 +117,7 @@ def main() -> None:
               f"{_f(row['base_perplexity'], 9)} {row['seconds_per_edit']:>7.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"quality-{Path(args.dataset).stem}-{args.model}-{args.mode}" + \
+    name = f"quality-{Path(args.dataset).stem}-{Path(args.model).name}-{args.mode}" + \
         (f"-from{args.offset}" if args.offset else "") + \
         ("" if args.negatives == "generated" else f"-neg-{Path(args.negatives).stem}")
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
