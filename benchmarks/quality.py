@@ -58,14 +58,17 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
     editor.prepare(negatives, source=args.negatives)
     t0 = time.perf_counter()
     # Lifelong: the edits arrive in batches of edits_per_shard, each applied on top of the last.
+    placed: list[dict] = []
     for i in range(0, len(records), args.arrival):
-        editor.apply(records[i:i + args.arrival])
+        placed += editor.apply(records[i:i + args.arrival])
     seconds = time.perf_counter() - t0
+    steps = {p["shard"]: p["steps"] for p in placed}  # optimisation steps each shard took
     report = evaluate(sess.model, sess.tokenizer, sess.mem, records)
     row = {k: v for k, v in report.to_dict().items() if k != "edits"}
     parts = [row[k] for k in ("reliability", "generalization", "locality") if row[k] is not None]
     row.update(T=t, avg=sum(parts) / len(parts), seconds_per_edit=seconds / len(records),
-               memories=sess.mem.n_memories, base_perplexity=base_ppl)
+               memories=sess.mem.n_memories, base_perplexity=base_ppl,
+               mean_steps_per_shard=sum(steps.values()) / max(len(steps), 1))
     return row
 
 
