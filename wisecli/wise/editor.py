@@ -8,7 +8,6 @@ the ``SideMemoryLayer`` buffers (tensors) or in ``EditorState`` (JSON).
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

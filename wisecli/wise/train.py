@@ -9,7 +9,7 @@ the answer positions.  The result equals a full forward/backward per step
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from ..batching import Batch
 from ..config import WiseConfig
-from .maths import (margin_loss, pool_scores, project_out, replay_penalty, target_accuracy, target_nll,
-                    token_scores)
+from .maths import margin_loss, pool_scores, project_out, replay_penalty, token_scores
 from .memory import SideMemoryLayer
 
 
@@ -83,6 +82,50 @@ def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     except TypeError:  # architectures without logits_to_keep
         logits = model(**_model_inputs(batch)).logits
     return logits[:, -batch.logits_to_keep:]
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the logits that score an answer token are: (row, column) of each position
+    predicting a labelled token, and that token.  labels: (R, K) host tensor."""
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    return rows, cols, labels[:, 1:][rows, cols]
+
+
+@contextmanager
+def head_on_positions(model: nn.Module, rows: torch.Tensor, from_end: torch.Tensor) -> Iterator[None]:
+    """Run the LM head only on the given positions of its input (counted from the end,
+    -1 the last, so it holds whether the model trimmed to logits_to_keep or not).
+
+    The head's matmul over a large vocabulary costs as much as several blocks, and
+    most of the positions it would score are not answer tokens (answers differ in
+    length; every row is scored over the longest).  Anything the model does to the
+    logits afterwards (soft-capping) is element-wise, so it still applies.
+    """
+    head = model.get_output_embeddings()
+
+    def gather(_m: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden[rows, from_end + hidden.shape[1]][None],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def row_losses(logits: torch.Tensor, gold: torch.Tensor, row: torch.Tensor,
+               n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean cross-entropy and all-correct, from the (N, V) logits of the answer
+    tokens ``gold`` (N,) of rows ``row`` (N,): ``maths.target_nll`` / ``target_accuracy``
+    on the scored positions only."""
+    nll = F.cross_entropy(logits.float(), gold, reduction="none")
+    wrong = (logits.detach().argmax(-1) != gold).float()
+    ones = torch.ones_like(nll)
+    count = torch.zeros(n_rows, device=nll.device).index_add_(0, row, ones)
+    row_nll = torch.zeros(n_rows, device=nll.device).index_add_(0, row, nll) / count.clamp_min(1)
+    row_wrong = torch.zeros(n_rows, device=nll.device).index_add_(0, row, wrong)
+    return row_nll, (row_wrong == 0) & (count > 0)
 
 
 @dataclass
@@ -155,25 +198,30 @@ def replay_lower_blocks(blocks: nn.ModuleList, layer: int, holder: dict) -> Iter
 
 
 RowsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                       tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]
-"""(CE rows, scored edit rows, irrelevant rows, delta) -> (answer logits of the CE rows
-or None when there are none, edit scores, irrelevant per-token scores and weights,
-see ``maths.token_scores``).  Row indices are host tensors, so a forward can plan on
-them without waiting on the device."""
+                       tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor,
+                             torch.Tensor]]
+"""(CE rows, scored edit rows, irrelevant rows, delta) -> ((per-row answer NLL, per-row
+all-correct) of the CE rows or None when there are none, edit scores, irrelevant per-token
+scores and weights, see ``maths.token_scores``).  Row indices are host tensors, so a
+forward can plan on them without waiting on the device."""
 
 
 def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
-                  sub: Batch, delta: torch.Tensor, block_out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer logits and router scores of edit rows, only blocks L..N running."""
+                  sub: Batch, delta: torch.Tensor, block_out: Any,
+                  positions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(N, V) logits of the answer tokens at ``positions`` of edit rows, only blocks L..N
+    running and the head only where an answer token is scored."""
     mem.train_delta = delta
     mem.token_mask, mem._explicit_mask = sub.query_mask, True
+    replay = replay_lower_blocks(blocks, layer, {"output": block_out}) if block_out is not None \
+        else nullcontext()
     try:
-        if block_out is not None:
-            with replay_lower_blocks(blocks, layer, {"output": block_out}):
-                logits = forward_logits(model, sub)
-        else:
-            logits = forward_logits(model, sub)
-        return logits, mem.last_scores
+        with head_on_positions(model, *positions), replay:
+            try:
+                logits = model(**_model_inputs(sub), logits_to_keep=sub.logits_to_keep).logits
+            except TypeError:  # architectures without logits_to_keep
+                logits = model(**_model_inputs(sub)).logits
+        return logits.reshape(-1, logits.shape[-1])
     finally:
         mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
 
@@ -186,7 +234,8 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     is recorded once and every row is scored with one matmul per step.  Only rows
     whose answers are still being learned run the blocks above L.
     """
-    lengths = batch.attention_mask.sum(-1).cpu()  # host copy, so trimming never syncs
+    lengths = batch.attention_mask.sum(-1).cpu()  # host copies, so planning never syncs
+    labels = batch.labels[:, -batch.logits_to_keep:].cpu()
 
     def scores(idx: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norms, m = token_scores(F.linear(project_out(rec.acts[idx], mem.basis), delta),
@@ -194,16 +243,20 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
         return norms / mem.scale, m
 
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
-        logits, dev = None, delta.device
+        ce, dev = None, delta.device
         if ce_idx.numel():
             width = int(lengths[ce_idx].max())  # these rows' longest: the rest is padding
             idx = ce_idx.to(dev)
             block_out = _map_rows(rec.block_out, idx, rec.n_live, rec.live_width, width) \
                 if layer > 0 else None
             sub = batch.rows(idx).last_cols(width)
-            logits, _ = _edit_forward(model, mem, blocks, layer, sub, delta, block_out)
+            row, col, gold = answer_positions(labels[ce_idx])
+            col = col - (labels.shape[1] - 1) - 1  # counted from the end: the last column is -1
+            logits = _edit_forward(model, mem, blocks, layer, sub, delta, block_out,
+                                   (row.to(dev), col.to(dev)))
+            ce = row_losses(logits, gold.to(dev), row.to(dev), ce_idx.numel())
         e_tok, e_m = scores(e_idx.to(dev), delta)
-        return logits, pool_scores(e_tok, e_m, mem.pooling), *scores(i_idx.to(dev), delta)
+        return ce, pool_scores(e_tok, e_m, mem.pooling), *scores(i_idx.to(dev), delta)
     return run
 
 
@@ -262,14 +315,12 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
         ce_idx = rows[ce_edits].reshape(-1)
         delta = base_delta + tau * mask
-        logits, e_scores, i_tokens, i_mask = run(ce_idx, rows.reshape(-1), i_idx, delta)
+        ce, e_scores, i_tokens, i_mask = run(ce_idx, rows.reshape(-1), i_idx, delta)
         loss = cfg.margin_weight * margin_loss(e_scores, i_tokens, i_mask, cfg.margin_irrelevant,
                                                cfg.margin_edit, cfg.margin_gap, cfg.score_pooling)
-        if logits is not None:
-            labels = batch.labels[ce_idx.to(dev)][:, -logits.shape[1]:]
+        if ce is not None:
+            nll, row_ok = ce
             row_ce_edit = ce_edits.repeat_interleave(rows.shape[1]).to(dev)
-            nll = target_nll(logits, labels)
-            _, row_ok = target_accuracy(logits.detach(), labels)
             wrong = torch.zeros(n_edits, device=dev).index_add_(0, row_ce_edit, (~row_ok).float()) > 0
             # A learned edit stops contributing; it comes back if it slips.
             weight = wrong[row_ce_edit].float()
