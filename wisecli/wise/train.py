@@ -237,9 +237,10 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     lengths = batch.attention_mask.sum(-1).cpu()  # host copies, so planning never syncs
     labels = batch.labels[:, -batch.logits_to_keep:].cpu()
 
+    projected = project_out(rec.acts, mem.basis)  # once per shard, not once per step
+
     def scores(idx: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        norms, m = token_scores(F.linear(project_out(rec.acts[idx], mem.basis), delta),
-                                batch.query_mask[idx])
+        norms, m = token_scores(F.linear(projected[idx], delta), batch.query_mask[idx])
         return norms / mem.scale, m
 
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
