@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from wisecli.wise.maths import (
+    counted_tokens,
     NO_MEMORY,
     activation_score,
     choose_memory,
     key_similarity,
     margin_loss,
     merge_ties,
+    replay_factor,
     replay_penalty,
-    second_moment,
     scored_tokens,
     shard_mask,
     target_accuracy,
@@ -305,10 +306,23 @@ def test_replay_penalty_is_mean_squared_output_change_on_earlier_tokens():
     torch.manual_seed(0)
     acts = torch.randn(2, 4, 5)
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding; first real token dropped
-    total, n = second_moment(acts, mask)
     kept = torch.cat([acts[0, 2:], acts[1, 1:]])
+    torch.testing.assert_close(counted_tokens(acts, mask), kept)
+    # folded in two parts, the factor still gives the mean over all five tokens
+    factor, n = replay_factor(torch.zeros(0, 0), 0.0, kept[:2], rank=16)
+    factor, n = replay_factor(factor, n, kept[2:], rank=16)
     assert n == 5
-    torch.testing.assert_close(total, kept.T @ kept)
+    torch.testing.assert_close(factor @ factor.T, kept.T @ kept / 5)
     change = torch.randn(3, 5)
     want = (kept @ change.T).pow(2).sum(-1).mean()
-    torch.testing.assert_close(replay_penalty(change, total / n), want)
+    torch.testing.assert_close(replay_penalty(change, factor), want)
+
+
+def test_replay_factor_keeps_the_largest_directions_at_low_rank():
+    torch.manual_seed(0)
+    big = torch.randn(200, 1) @ torch.randn(1, 8) * 10  # one dominant direction
+    tokens = big + 0.01 * torch.randn(200, 8)
+    factor, _ = replay_factor(torch.zeros(0, 0), 0.0, tokens, rank=1)
+    assert factor.shape == (8, 1)
+    moment = tokens.T @ tokens / 200
+    assert (factor @ factor.T - moment).norm() / moment.norm() < 1e-3

@@ -87,12 +87,24 @@ def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
     assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
-                          "edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count"}
+                          "edit_keys", "key_edit", "key_memory", "replay_factor", "replay_count"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
             and k.startswith(sess.target.module_path)}
     assert set(state) <= keys
+
+
+def test_older_checkpoint_replay_moment_loads_as_a_factor(model_dir):
+    """Checkpoints written before the factor hold the full moment ``replay_cov``."""
+    sess = open_model(str(model_dir), device="cpu")
+    tokens = torch.randn(50, sess.mem.in_features, generator=torch.Generator().manual_seed(0))
+    cov = tokens.T @ tokens / 50
+    state = {**sess.mem.wise_state(), "replay_cov": cov, "replay_count": torch.tensor(50.0)}
+    del state["replay_factor"]
+    sess.mem.load_wise_state(state)
+    f = sess.mem.replay_factor
+    torch.testing.assert_close(f @ f.T, cov, atol=1e-4, rtol=1e-4)
 
 
 # ---- the fast path equals the full-forward reference ---------------------------------
@@ -357,8 +369,8 @@ def test_replay_keeps_earlier_edits_output_in_merge_mode(model_dir):
         moved = torch.nn.functional.linear(acts, sess.mem.memories[0] - first).norm()
         changes[weight] = float(moved / torch.nn.functional.linear(acts, first).norm())
         if weight:
-            assert sess.mem.replay_cov.shape == (sess.mem.in_features,) * 2
+            assert sess.mem.replay_factor.shape[0] == sess.mem.in_features
             assert float(sess.mem.replay_count) > 0
         else:
-            assert sess.mem.replay_cov.numel() == 0
+            assert sess.mem.replay_factor.numel() == 0
     assert changes[100.0] < 0.5 * changes[0.0], changes

@@ -11,7 +11,7 @@ someone else cannot run code, and old checkpoints keep loading on newer PyTorch.
   scale () f32, basis (d_in, r) f32   score unit; directions side memories ignore
   edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys (threshold re-measure,
                                    key gate), the edit and the memory each belongs to
-  replay_cov (d_in, d_in) f32, replay_count ()   merge mode: earlier edits' mean a a^T
+  replay_factor (d_in, r) f32, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
 The last five are optional on load (checkpoints written before them still open).
 
 Invariant: nothing half-written is ever visible at the output path.  A write is

@@ -19,8 +19,8 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
-from .maths import (activation_score, common_basis, loudest_tokens, merge_ties, min_edit_score,
-                    project_out, project_rows, scored_tokens, second_moment, shard_mask)
+from .maths import (activation_score, common_basis, counted_tokens, loudest_tokens, merge_ties, min_edit_score,
+                    project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
@@ -218,28 +218,24 @@ class WiseEditor:
         return placed
 
     def _replay(self) -> torch.Tensor | None:
-        """Earlier edits' mean a aᵀ, when new shards train on top of them (merge mode)."""
+        """Earlier edits' replay factor, when new shards train on top of them (merge mode)."""
         mem = self.mem
-        if self.cfg.mode != "merge" or not self.cfg.replay_weight or not mem.replay_cov.numel():
+        if self.cfg.mode != "merge" or not self.cfg.replay_weight or not mem.replay_factor.numel():
             return None
-        return mem.replay_cov
+        return mem.replay_factor
 
     @torch.no_grad()
     def _add_replay(self, results: list[ShardResult]) -> None:
-        """Fold the group's edit-row activations (answers and prefixed copies too) into replay_cov."""
+        """Fold the group's edit-row activations (answers and prefixed copies too) into the factor."""
         mem = self.mem
         if self.cfg.mode != "merge" or not self.cfg.replay_weight \
                 or any(r.edit_acts is None for r in results):
             return
-        d = mem.in_features
-        total = mem.replay_cov * mem.replay_count if mem.replay_cov.numel() \
-            else torch.zeros(d, d, device=self.device)
-        count = float(mem.replay_count)
-        for r in results:
-            m, n = second_moment(project_out(r.edit_acts.float(), mem.basis), r.edit_attn)
-            total, count = total + m, count + n
-        mem.replay_cov = total / max(count, 1.0)
-        mem.replay_count = torch.tensor(count, device=self.device)
+        new = torch.cat([counted_tokens(project_out(r.edit_acts.float(), mem.basis), r.edit_attn)
+                         for r in results])
+        factor, count = replay_factor(mem.replay_factor, float(mem.replay_count), new,
+                                      self.cfg.replay_rank)
+        mem.replay_factor, mem.replay_count = factor, torch.tensor(count, device=self.device)
 
     def _merge(self, results: list[ShardResult], start: torch.Tensor,
                edits: list[EditRecord]) -> int:

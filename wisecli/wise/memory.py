@@ -49,9 +49,10 @@ class SideMemoryLayer(nn.Module):
         self.register_buffer("edit_keys", torch.zeros(0, in_features, dtype=torch.float16, device=dev))
         self.register_buffer("key_edit", torch.zeros(0, dtype=torch.long, device=dev))
         self.register_buffer("key_memory", torch.zeros(0, dtype=torch.long, device=dev))
-        # Merge mode: mean a aᵀ of the (projected) activations of every edit the memory holds,
-        # for the replay penalty (maths.replay_penalty); replay_count tokens so far.
-        self.register_buffer("replay_cov", torch.zeros(0, 0, device=dev))
+        # Merge mode: F (d_in, r) with F Fᵀ the mean a aᵀ of the (projected) activations of
+        # every edit the memory holds, for the replay penalty (maths.replay_factor,
+        # maths.replay_penalty); replay_count tokens so far.
+        self.register_buffer("replay_factor", torch.zeros(0, 0, device=dev))
         self.register_buffer("replay_count", torch.zeros((), device=dev))
         # Transient, never saved: set by the trainer and the routing context.
         self.train_delta: torch.Tensor | None = None
@@ -72,7 +73,7 @@ class SideMemoryLayer(nn.Module):
 
     # ---- state ---------------------------------------------------------------
     FLOAT_STATE = ("memories", "thresholds", "min_edit_scores", "scale", "basis")
-    OPTIONAL_STATE = ("edit_keys", "key_edit", "key_memory", "replay_cov", "replay_count")
+    OPTIONAL_STATE = ("edit_keys", "key_edit", "key_memory", "replay_factor", "replay_count")
 
     def wise_state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.FLOAT_STATE + self.OPTIONAL_STATE}
@@ -87,6 +88,9 @@ class SideMemoryLayer(nn.Module):
             if name in state:
                 like = getattr(self, name)
                 setattr(self, name, state[name].to(device=dev, dtype=like.dtype).clone())
+        if "replay_cov" in state and "replay_factor" not in state:  # written by 0.1 before factors
+            vals, vecs = torch.linalg.eigh(state["replay_cov"].to(device=dev, dtype=torch.float32))
+            self.replay_factor = vecs * vals.clamp_min(0).sqrt()
 
     def unit_keys(self) -> torch.Tensor:
         """The keys as the gate reads them: projected like the activations, unit norm.
