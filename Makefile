@@ -41,6 +41,7 @@ bench-quality: setup
 	$(QUALITY) --dataset zsre --T 10 100
 	$(QUALITY) --dataset zsre --T 100 --mode retrieve
 	$(QUALITY) --dataset counterfact --T 100
+	$(QUALITY) --dataset hallucination --T 10
 	$(QUALITY) --dataset zsre --T 100 --model gemma3-270m
 	# final-test slices: reported, never tuned on
 	$(QUALITY) --dataset zsre --T 100 --offset 500
