@@ -146,9 +146,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2": {"layer_fraction": 0.8},
     # Gemma normalises the FFN output (post_feedforward_layernorm), which amplifies a
     # delta's effect: a smaller step keeps nearby facts (locality 0.75 -> 0.88 on the demo).
-    # gemma3: its 262k-token head makes steps large; momentum (the default) overshot
-    # locality on the real-model test (0.875 -> 0.625), so plain SGD as before.
-    "gemma3_text": {"layer_fraction": 0.8, "learning_rate": 1.0, "momentum": 0.0, "max_steps": 50},
+    # gemma3: its 262k-token head makes steps large, so lr 1.0.  Momentum (the default) once
+    # overshot locality (0.875 -> 0.625 on the real-model test); since the key gate holds
+    # locality it is back: ZsRE dev T=100 rel 0.839 -> 0.971, gen 0.728 -> 0.764, loc 1.000.
+    "gemma3_text": {"layer_fraction": 0.8, "learning_rate": 1.0},
     "gpt2": {"layer_fraction": 0.75},
     "gptj": {"layer_fraction": 0.75},
     "gpt_neox": {"layer_fraction": 0.75},
