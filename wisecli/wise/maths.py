@@ -173,11 +173,16 @@ def replay_factor(factor: torch.Tensor, count: float, new: torch.Tensor,
     g = torch.cat(rows) / max(total, 1.0) ** 0.5  # (m, d_in): the moment is gᵀ g
     r = min(rank, g.shape[0], g.shape[1])
     if g.shape[0] > g.shape[1]:
-        vals, vecs = torch.linalg.eigh(g.T @ g)  # ascending
-        vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
-        return vecs * vals.clamp_min(0).sqrt(), float(total)
+        return moment_factor(g.T @ g, r), float(total)
     _, sv, vh = torch.linalg.svd(g, full_matrices=False)
     return vh[:r].T * sv[:r], float(total)
+
+
+def moment_factor(moment: torch.Tensor, rank: int) -> torch.Tensor:
+    """F (d, r) with F Fᵀ the best rank-r approximation of a symmetric PSD (d, d) matrix."""
+    vals, vecs = torch.linalg.eigh(moment.float())  # ascending
+    vals, vecs = vals.flip(0)[:rank], vecs.flip(1)[:, :rank]
+    return vecs * vals.clamp_min(0).sqrt()
 
 
 def replay_penalty(change: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

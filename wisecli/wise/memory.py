@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import (NO_MEMORY, activation_score, choose_memory, key_similarity, pool_scores, project_out,
-                    token_scores)
+from .maths import (NO_MEMORY, activation_score, choose_memory, key_similarity, moment_factor, pool_scores,
+                    project_out, token_scores)
 
 
 class SideMemoryLayer(nn.Module):
@@ -89,8 +89,8 @@ class SideMemoryLayer(nn.Module):
                 like = getattr(self, name)
                 setattr(self, name, state[name].to(device=dev, dtype=like.dtype).clone())
         if "replay_cov" in state and "replay_factor" not in state:  # written by 0.1 before factors
-            vals, vecs = torch.linalg.eigh(state["replay_cov"].to(device=dev, dtype=torch.float32))
-            self.replay_factor = vecs * vals.clamp_min(0).sqrt()
+            cov = state["replay_cov"].to(device=dev)
+            self.replay_factor = moment_factor(cov, cov.shape[0])
 
     def unit_keys(self) -> torch.Tensor:
         """The keys as the gate reads them: projected like the activations, unit norm.

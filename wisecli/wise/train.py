@@ -74,14 +74,17 @@ def _model_inputs(batch: Batch) -> dict[str, Any]:
             "position_ids": batch.position_ids, "use_cache": False}
 
 
+def _trimmed_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's logits, asking it to compute only the last logits_to_keep positions."""
+    try:
+        return model(**_model_inputs(batch), logits_to_keep=batch.logits_to_keep).logits
+    except TypeError:  # architectures without logits_to_keep
+        return model(**_model_inputs(batch)).logits
+
+
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Logits of the answer positions only (all positions if the model can't trim)."""
-    try:
-        out = model(**_model_inputs(batch), logits_to_keep=batch.logits_to_keep)
-        logits = out.logits
-    except TypeError:  # architectures without logits_to_keep
-        logits = model(**_model_inputs(batch)).logits
-    return logits[:, -batch.logits_to_keep:]
+    return _trimmed_logits(model, batch)[:, -batch.logits_to_keep:]
 
 
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,10 +220,7 @@ def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList,
         else nullcontext()
     try:
         with head_on_positions(model, *positions), replay:
-            try:
-                logits = model(**_model_inputs(sub), logits_to_keep=sub.logits_to_keep).logits
-            except TypeError:  # architectures without logits_to_keep
-                logits = model(**_model_inputs(sub)).logits
+            logits = _trimmed_logits(model, sub)
         return logits.reshape(-1, logits.shape[-1])
     finally:
         mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
