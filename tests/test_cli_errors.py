@@ -58,12 +58,20 @@ def _unknown_key_config(tmp_path: Path) -> Path:
     return p
 
 
+def _bad_value_config(tmp_path: Path) -> Path:
+    p = tmp_path / "bad-value.yaml"
+    p.write_text("max_steps: 5\nlearned_nll: 0\n")
+    return p
+
+
 BAD_ARGS = {
     # name: (MODEL, extra args, pieces of the error line)
     "missing-model": (lambda t, m: t / "no-such-model", [], ["no-such-model", "no such file or directory"]),
     "not-a-gguf": (lambda t, m: _gguf(t), [], ["model.gguf", "not a GGUF model file"]),
     "unknown-config-key": (lambda t, m: m, lambda t: ["--config", _unknown_key_config(t)],
-                           ["typo.yaml", "unknown key 'max_stepz'"]),
+                           ["typo.yaml:2", "unknown key 'max_stepz'"]),
+    "bad-config-value": (lambda t, m: m, lambda t: ["--config", _bad_value_config(t)],
+                         ["bad-value.yaml:2", "learned_nll", "must be > 0"]),
     "layer-out-of-range": (lambda t, m: m, ["--layer", "99"], ["--layer 99", "out of range", "0..3"]),
     "no-cuda": (lambda t, m: m, ["--device", "cuda"], ["CUDA"]),
 }

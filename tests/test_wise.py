@@ -24,7 +24,7 @@ from wisecli.wise.editor import WiseEditor
 from wisecli.wise.maths import NO_MEMORY, shard_mask
 from wisecli.wise.memory import SideMemoryLayer, main_memory_only, route_on
 from wisecli.bench.reference import reference_forward
-from wisecli.wise.train import train_shard
+from wisecli.wise.train import fast_forward, record_inputs, train_shard
 
 from conftest import EDITS
 
@@ -158,6 +158,48 @@ def test_fast_path_equals_full_forward_reference(request, arch, layer):
     # the model is left as it was found
     assert sess.mem.train_delta is None and sess.mem.token_mask is None
     assert all(type(b).__name__ != "_Replay" for b in sess.blocks)
+
+
+def _shard_setup(sess, cfg, seed=3):
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.state.prefixes, editor.state.negatives = list(PREFIXES), list(NEGATIVES)
+    sess.mem.scale = torch.tensor(editor.measure_scale(NEGATIVES))
+    edits = [RECORDS[0].__class__(**{**RECORDS[0].__dict__, "subject": "france"}), *RECORDS[1:]]
+    batch, row_edit = editor.shard_batch(edits)
+    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
+    return batch, row_edit, base, shard_mask(base.shape, 0.5, seed=seed)
+
+
+def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
+    """An edit stops getting the cross-entropy (and its rows their forward pass above the
+    layer) once it is right with answer NLL below learned_nll, not as soon as it is right.
+    And a shard stops early once its edits are right: near misses (the key gate's job) do
+    not hold it back."""
+    sess = open_model(str(model_dir), device="cpu")
+    ce_rows = {}
+    for learned_nll in (10.0, 1e-3):
+        cfg = WiseConfig(**{**LEARN, "max_steps": 40, "min_steps": 40, "learned_nll": learned_nll})
+        batch, row_edit, base, mask = _shard_setup(sess, cfg)
+        run = fast_forward(sess.model, sess.mem, sess.blocks, sess.target.layer, batch,
+                           record_inputs(sess.model, sess.blocks, sess.mem, sess.target.layer, batch))
+        seen: list[int] = []
+
+        def counted(ce_idx, *rest, _run=run, _seen=seen):
+            _seen.append(ce_idx.numel())
+            return _run(ce_idx, *rest)
+        res = train_shard(sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit,
+                          base, mask, cfg, forward=counted)
+        assert learned_nll < 1 or res.learned == res.n_edits
+        ce_rows[learned_nll] = seen
+    n_rows = max(ce_rows[1e-3])
+    # unsure edits train at every step; edits merely right rest between the checks
+    assert ce_rows[1e-3] == [n_rows] * 40
+    assert sum(ce_rows[10.0]) < 0.9 * sum(ce_rows[1e-3]), str(ce_rows[10.0])
+    cfg = WiseConfig(**{**LEARN, "max_steps": 200})
+    batch, row_edit, base, mask = _shard_setup(sess, cfg)
+    assert (row_edit == -2).any()
+    res = train_shard(sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit, base, mask, cfg)
+    assert res.learned == res.n_edits and res.steps < cfg.max_steps
 
 
 # ---- a lifelong run: learn, save, reload ------------------------------------------------

@@ -8,6 +8,7 @@ change fields whose best value depends on the model's shape (the layer).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class WiseConfig:
     # Measured on ZsRE dev, T=10: rel 0.60 -> 0.98 (50 steps), 1.00 with 80.
     momentum: float = 0.9
     max_steps: int = 80
+    # An edit gets the cross-entropy until every row is right and its mean answer NLL is
+    # below this; 0 would never let it rest, a large value stops it at the argmax boundary.
+    learned_nll: float = 0.3
     min_steps: int = 5
     weight_decay: float = 0.0
     check_every: int = 5
@@ -112,6 +116,7 @@ class WiseConfig:
         _check(self.key_gate == 0 or self.keys_per_edit > 0, "key_gate", "needs keys_per_edit >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.replay_weight >= 0, "replay_weight", "must be >= 0")
+        _check(self.learned_nll > 0, "learned_nll", "must be > 0")
         _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
         _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
@@ -179,14 +184,33 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(data: dict[str, Any], where: str = "config") -> WiseConfig:
+def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int] | None = None) -> WiseConfig:
+    """``lines``: each key's line in the file ``where``, so an error points at it."""
+    lines = lines or {}
+
+    def at(key: str) -> str:
+        return f"{where}:{lines[key]}" if key in lines else where
     known = {f.name: f for f in fields(WiseConfig)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'",
+        raise ConfigError(f"{at(unknown[0])}: unknown key '{unknown[0]}'",
                           hint=f"known keys: {', '.join(sorted(known))}")
-    values = {k: _coerce(known[k], v, where) for k, v in data.items()}
-    return WiseConfig(**values)
+    values = {k: _coerce(known[k], v, at(k)) for k, v in data.items()}
+    try:
+        return WiseConfig(**values)
+    except ConfigError as exc:  # a value out of range: name the file (and line) it came from
+        field = str(exc).split("'")[1] if "'" in str(exc) else ""
+        raise ConfigError(f"{at(field)}: {exc}", hint=exc.hint) from None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key of a YAML mapping."""
+    out: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"([A-Za-z_][\w-]*)\s*:", line)
+        if m:
+            out.setdefault(m.group(1), number)
+    return out
 
 
 def load_config(path: str | Path | None, model_type: str | None = None,
@@ -209,7 +233,8 @@ def load_config(path: str | Path | None, model_type: str | None = None,
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of hyper-parameters at the top level")
-        from_dict(loaded, str(p))  # validate the file's own keys with its name in the message
+        # validate the file's own keys with its name and their lines in the message
+        from_dict(loaded, str(p), _key_lines(p.read_text(encoding="utf-8")))
         data.update(loaded)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(data, str(path) if path else "config")

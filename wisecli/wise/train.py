@@ -272,6 +272,11 @@ def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch
     return edit_rows[:, cols], torch.cat([near_rows, irr_rows[pick]])
 
 
+def _separated(i_tokens: torch.Tensor, e_scores: torch.Tensor, act_ratio: float) -> bool:
+    """Every irrelevant token scores below the router threshold the edits set."""
+    return i_tokens.numel() == 0 or bool(i_tokens.max() < act_ratio * e_scores.min())
+
+
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
@@ -307,6 +312,10 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     run = forward or fast_forward(model, mem, blocks, layer, batch, rec)
     # Host side: the edits that get the cross-entropy.  One leaves only once it was
     # right at two checks in a row, so an edit that just got there is not left to slip.
+    # Near misses share the edit's template, so their max-pooled scores can stay above the
+    # threshold however long τ trains; with the key gate on, the gate rejects them (their
+    # subject's tokens match no key), so only the generic prompts must be separated to stop.
+    n_gate_exempt = near_rows.numel() if cfg.key_gate > 0 else 0
     training = torch.ones(n_edits, dtype=torch.bool)
     was_wrong = training.clone()
     step, loss_val = 0, float("nan")
@@ -322,9 +331,14 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         if ce is not None:
             nll, row_ok = ce
             row_ce_edit = ce_edits.repeat_interleave(rows.shape[1]).to(dev)
-            wrong = torch.zeros(n_edits, device=dev).index_add_(0, row_ce_edit, (~row_ok).float()) > 0
-            # A learned edit stops contributing; it comes back if it slips.
-            weight = wrong[row_ce_edit].float()
+            per_edit = torch.zeros(n_edits, device=dev)
+            wrong = per_edit.index_add(0, row_ce_edit, (~row_ok).float()) > 0
+            # An edit stops contributing once every row is right with some confidence to
+            # spare (mean answer NLL below learned_nll): one stopped right at the boundary
+            # slips back at the next step of its neighbours.  It comes back if it slips.
+            unsure = ~row_ok | (nll.detach() > cfg.learned_nll)
+            pushing = per_edit.index_add(0, row_ce_edit, unsure.float()) > 0
+            weight = pushing[row_ce_edit].float()
             loss = loss + (nll * weight).sum() / weight.sum().clamp_min(1)
         if replay is not None and cfg.replay_weight:
             loss = loss + cfg.replay_weight * replay_penalty(tau * mask, replay) / mem.scale ** 2
@@ -336,10 +350,10 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
                 tau.mul_(1 - cfg.learning_rate * cfg.weight_decay)  # τ is zero off the mask
         if check:
             # The only host syncs of the loop, once every check_every steps.
-            now_wrong = wrong.cpu()
-            training, was_wrong = now_wrong | was_wrong, now_wrong
+            now_wrong, now_pushing = wrong.cpu(), pushing.cpu()
+            training, was_wrong = now_pushing | was_wrong, now_wrong
             loss_val, n_active = float(loss.detach()), int(now_wrong.sum())
-            separated = i_tokens.numel() == 0 or bool(i_tokens.max() < cfg.act_ratio * e_scores.min())
+            separated = _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio)
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and separated:
