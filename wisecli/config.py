@@ -142,7 +142,9 @@ class WiseConfig:
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"config field '{name}': {message}")
+        err = ConfigError(f"config field '{name}': {message}")
+        err.field = name  # so a caller that read a file can add the field's line
+        raise err
 
 
 # Presets per model_type: only what depends on the architecture.  The layer of the
@@ -201,8 +203,7 @@ def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int]
     try:
         return WiseConfig(**values)
     except ConfigError as exc:  # a value out of range: name the file (and line) it came from
-        field = str(exc).split("'")[1] if "'" in str(exc) else ""
-        raise ConfigError(f"{at(field)}: {exc}", hint=exc.hint) from None
+        raise ConfigError(f"{at(getattr(exc, 'field', ''))}: {exc}", hint=exc.hint) from None
 
 
 def _key_lines(text: str) -> dict[str, int]:
