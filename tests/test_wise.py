@@ -110,20 +110,25 @@ def test_older_checkpoint_replay_moment_loads_as_a_factor(model_dir):
 # ---- the fast path equals the full-forward reference ---------------------------------
 
 
+def _shard_setup(sess, cfg, seed=3):
+    """An editor with fixed prefixes and negatives, a shard batch whose first edit names a
+    subject (so near-miss rows, row_edit -2, are in it), a zero start and a shard mask."""
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.state.prefixes, editor.state.negatives = list(PREFIXES), list(NEGATIVES)
+    sess.mem.scale = torch.tensor(editor.measure_scale(NEGATIVES))
+    edits = [RECORDS[0].__class__(**{**RECORDS[0].__dict__, "subject": "france"}), *RECORDS[1:]]
+    batch, row_edit = editor.shard_batch(edits)
+    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
+    return editor, batch, row_edit, base, shard_mask(base.shape, 0.5, seed=seed)
+
+
 @pytest.mark.parametrize("layer", [2, 3])
 def test_fast_path_equals_full_forward_reference(request, arch, layer):
     sess = open_model(str(_dir(request, arch)), device="cpu", layer=layer)
     cfg = WiseConfig(max_steps=5, min_steps=5, check_every=5, n_prefixes=2, negatives_per_step=2,
                      variants_per_step=2, learning_rate=0.05)
-    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, layer, cfg)
-    editor.state.prefixes, editor.state.negatives = list(PREFIXES), list(NEGATIVES)
-    sess.mem.scale = torch.tensor(editor.measure_scale(NEGATIVES))
-    # a subject in the prompt adds near-miss rows (row_edit -2) to the batch
-    edits = [RECORDS[0].__class__(**{**RECORDS[0].__dict__, "subject": "france"}), *RECORDS[1:]]
-    batch, row_edit = editor.shard_batch(edits)
+    editor, batch, row_edit, base, mask = _shard_setup(sess, cfg)
     assert (row_edit == -2).any() and (row_edit == -1).sum() == len(NEGATIVES)
-    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
-    mask = shard_mask(base.shape, 0.5, seed=3)
 
     calls = {"n": 0}
     handle = sess.blocks[0].register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
@@ -160,16 +165,6 @@ def test_fast_path_equals_full_forward_reference(request, arch, layer):
     assert all(type(b).__name__ != "_Replay" for b in sess.blocks)
 
 
-def _shard_setup(sess, cfg, seed=3):
-    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
-    editor.state.prefixes, editor.state.negatives = list(PREFIXES), list(NEGATIVES)
-    sess.mem.scale = torch.tensor(editor.measure_scale(NEGATIVES))
-    edits = [RECORDS[0].__class__(**{**RECORDS[0].__dict__, "subject": "france"}), *RECORDS[1:]]
-    batch, row_edit = editor.shard_batch(edits)
-    base = torch.zeros(sess.mem.out_features, sess.mem.in_features)
-    return batch, row_edit, base, shard_mask(base.shape, 0.5, seed=seed)
-
-
 def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
     """An edit stops getting the cross-entropy (and its rows their forward pass above the
     layer) once it is right with answer NLL below learned_nll, not as soon as it is right.
@@ -179,7 +174,7 @@ def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
     ce_rows = {}
     for learned_nll in (10.0, 1e-3):
         cfg = WiseConfig(**{**LEARN, "max_steps": 40, "min_steps": 40, "learned_nll": learned_nll})
-        batch, row_edit, base, mask = _shard_setup(sess, cfg)
+        _, batch, row_edit, base, mask = _shard_setup(sess, cfg)
         run = fast_forward(sess.model, sess.mem, sess.blocks, sess.target.layer, batch,
                            record_inputs(sess.model, sess.blocks, sess.mem, sess.target.layer, batch))
         seen: list[int] = []
@@ -196,7 +191,7 @@ def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
     assert ce_rows[1e-3] == [n_rows] * 40
     assert sum(ce_rows[10.0]) < 0.9 * sum(ce_rows[1e-3]), str(ce_rows[10.0])
     cfg = WiseConfig(**{**LEARN, "max_steps": 200})
-    batch, row_edit, base, mask = _shard_setup(sess, cfg)
+    _, batch, row_edit, base, mask = _shard_setup(sess, cfg)
     assert (row_edit == -2).any()
     res = train_shard(sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit, base, mask, cfg)
     assert res.learned == res.n_edits and res.steps < cfg.max_steps

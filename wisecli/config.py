@@ -226,8 +226,9 @@ def load_config(path: str | Path | None, model_type: str | None = None,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
+        text = p.read_text(encoding="utf-8")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
@@ -237,7 +238,7 @@ def load_config(path: str | Path | None, model_type: str | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of hyper-parameters at the top level")
         # validate the file's own keys with its name and their lines in the message
-        from_dict(loaded, str(p), _key_lines(p.read_text(encoding="utf-8")))
+        from_dict(loaded, str(p), _key_lines(text))
         data.update(loaded)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(data, str(path) if path else "config")

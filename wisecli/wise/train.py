@@ -310,12 +310,12 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     rec = record_inputs(model, blocks, mem, layer, batch, known) if forward is None else None
     run = forward or fast_forward(model, mem, blocks, layer, batch, rec)
-    # Host side: the edits that get the cross-entropy.  One leaves only once it was
-    # right at two checks in a row, so an edit that just got there is not left to slip.
     # Near misses share the edit's template, so their max-pooled scores can stay above the
     # threshold however long τ trains; with the key gate on, the gate rejects them (their
     # subject's tokens match no key), so only the generic prompts must be separated to stop.
     n_gate_exempt = near_rows.numel() if cfg.key_gate > 0 else 0
+    # Host side: the edits that get the cross-entropy.  One leaves only once it was
+    # right at two checks in a row, so an edit that just got there is not left to slip.
     training = torch.ones(n_edits, dtype=torch.bool)
     was_wrong = training.clone()
     step, loss_val = 0, float("nan")
