@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
     placed: list[dict] = []
     for i in range(0, len(records), args.arrival):
         placed += editor.apply(records[i:i + args.arrival])
+        done = min(i + args.arrival, len(records))
+        if done % 100 == 0 or done == len(records):  # long runs (T=1000 is an hour on a CPU)
+            spent = time.perf_counter() - t0
+            print(f"  T={t}: {done} edits applied, {spent / done:.2f} s/edit", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
     steps = {p["shard"]: p["steps"] for p in placed}  # optimisation steps each shard took
     report = evaluate(sess.model, sess.tokenizer, sess.mem, records)
