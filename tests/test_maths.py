@@ -302,6 +302,41 @@ def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
     assert mem.last_route.tolist() == [0, NO_MEMORY]
 
 
+def test_many_memories_computed_only_where_routable_give_the_same_outputs():
+    """Retrieve mode with many memories skips D_k a for gated-off memories; nothing may change."""
+    from wisecli.wise.memory import SideMemoryLayer
+    torch.manual_seed(0)
+    k_mem, d_in, d_out = 12, 16, 6
+    mem = SideMemoryLayer(torch.nn.Linear(d_in, d_out, bias=False), "linear", d_in, d_out)
+    assert k_mem >= mem.SELECTIVE_FROM
+    mem.memories = torch.randn(k_mem, d_out, d_in)
+    mem.thresholds = torch.full((k_mem,), 0.5)
+    keys = torch.randn(k_mem, d_in)
+    mem.edit_keys, mem.key_edit, mem.key_memory = keys.half(), torch.arange(k_mem), torch.arange(k_mem)
+    mem.key_gate = 0.9
+    a = torch.randn(5, 3, d_in)
+    a[0, 2], a[1, 1], a[3, 2] = 4 * keys[3], 2 * keys[7], 3 * keys[7]  # rows 2 and 4: no key
+    mask = torch.ones(5, 3)
+    mem.token_mask = mask
+    out = mem(a)
+    # the reference: every memory's output and score, the gate, then top-1 routing
+    deltas = torch.stack([F.linear(a, mem.memories[k]) for k in range(k_mem)])
+    sims = key_similarity(a, mask, mem.unit_keys(), mem.key_memory, k_mem)
+    scores = torch.stack([activation_score(d, mask) for d in deltas])
+    scores = torch.where(sims >= 0.9, scores, torch.zeros_like(scores))
+    route = choose_memory(scores, mem.thresholds, sims)
+    assert route.tolist() == [3, 7, NO_MEMORY, 7, NO_MEMORY]
+    assert mem.last_route.tolist() == route.tolist()
+    torch.testing.assert_close(mem.last_scores, scores)
+    picked = torch.stack([deltas[r, i] if r >= 0 else torch.zeros(3, d_out) for i, r in enumerate(route.tolist())])
+    torch.testing.assert_close(out, mem.base_layer(a) + picked)
+    # a decode step keeps the prompt's route and still adds only that memory's output
+    mem.decoding, step = True, torch.randn(5, 1, d_in)
+    want = mem.base_layer(step) + torch.stack(
+        [F.linear(step[i], mem.memories[r]) if r >= 0 else torch.zeros(1, d_out) for i, r in enumerate(route.tolist())])
+    torch.testing.assert_close(mem(step), want)
+
+
 def test_replay_penalty_is_mean_squared_output_change_on_earlier_tokens():
     torch.manual_seed(0)
     acts = torch.randn(2, 4, 5)

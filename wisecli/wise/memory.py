@@ -71,6 +71,13 @@ class SideMemoryLayer(nn.Module):
         self.last_token_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # training only
         self.last_route: torch.Tensor | None = None
 
+    # From this many memories (retrieve mode) on, a forward pass computes D_k a only for the
+    # memories the key gate leaves open and, once routed, only for the chosen ones: at
+    # T=1000 retrieve holds 100 memories, and D_k a for all of them on every token (every
+    # decode step too) cost more than the base model.  Below it, everything is computed
+    # without a host sync, which a GPU prefers.
+    SELECTIVE_FROM = 8
+
     # ---- state ---------------------------------------------------------------
     FLOAT_STATE = ("memories", "thresholds", "min_edit_scores", "scale", "basis")
     OPTIONAL_STATE = ("edit_keys", "key_edit", "key_memory", "replay_factor", "replay_count")
@@ -123,16 +130,29 @@ class SideMemoryLayer(nn.Module):
         if not self.enabled or self.n_memories == 0:
             return out
         a32 = a.float()  # stored memories are already projected (maths.project_rows)
-        deltas = [F.linear(a32, self.memories[k]) for k in range(self.n_memories)]
+        many = self.n_memories >= self.SELECTIVE_FROM
+        computed: dict[int, torch.Tensor] = {}
+
+        def delta_out(k: int) -> torch.Tensor:
+            if k not in computed:
+                computed[k] = F.linear(a32, self.memories[k])
+            return computed[k]
+
         if self.decoding and self.hold and self.held_route is not None \
                 and self.held_route.shape[0] == a.shape[0]:
             route = self.held_route
         else:
             mask = self._mask_for(a.shape[1])
-            scores = torch.stack([activation_score(d, mask, self.pooling) for d in deltas]) / self.scale  # (K, B)
-            if self.key_gate > 0 and self.edit_keys.shape[0]:
-                sims = key_similarity(project_out(a32, self.basis), mask, self.unit_keys(),
-                                      self.key_memory, self.n_memories)
+            gated = self.key_gate > 0 and self.edit_keys.shape[0] > 0
+            sims = key_similarity(project_out(a32, self.basis), mask, self.unit_keys(),
+                                  self.key_memory, self.n_memories) if gated else None
+            candidates: list[int] = list(range(self.n_memories))
+            if many and sims is not None:  # a memory the gate shuts for every prompt scores 0 anyway
+                candidates = (sims >= self.key_gate).any(dim=1).nonzero().flatten().tolist()
+            scores = torch.zeros(self.n_memories, a.shape[0], device=a.device)
+            for k in candidates:
+                scores[k] = activation_score(delta_out(k), mask, self.pooling) / self.scale
+            if sims is not None:
                 scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
                 self.last_key_sims = sims
                 route = choose_memory(scores, self.thresholds, sims)  # the closest key's memory
@@ -141,9 +161,12 @@ class SideMemoryLayer(nn.Module):
             self.last_scores = scores
             self.held_route = route
         self.last_route = route
+        used = list(range(self.n_memories))
+        if many:  # only the memories some prompt is routed to (one sync, no K-fold matmul)
+            used = [k for k in route.unique().tolist() if k != NO_MEMORY]
         extra = torch.zeros_like(out, dtype=torch.float32)
-        for k, d in enumerate(deltas):
-            extra = extra + (route == k).to(d.dtype)[:, None, None] * d
+        for k in used:
+            extra = extra + (route == k).to(torch.float32)[:, None, None] * delta_out(k)
         return out + extra.to(out.dtype)
 
 
