@@ -35,7 +35,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/wise bench smollm2-135m --compare-reference
 
-# The README's quality table (about 2 h on a 2-core CPU; each line is one row or two).
+# The README's quality table (about 5 h on a 2-core CPU, most of it the T=1000 rows).
 QUALITY := $(BIN)/python benchmarks/quality.py --negatives train --config benchmarks/train-negatives.yaml
 bench-quality: setup
 	$(BIN)/python benchmarks/quality.py --dataset zsre --T 100 1000   # wise edit's defaults; T=1000 is ~2 h on a 2-core CPU
