@@ -268,6 +268,27 @@ def test_retrieve_mode_one_memory_per_merge_group(model_dir):
         assert int(_route(sess, rec.prompt)) != NO_MEMORY, rec.id
 
 
+def test_merge_mode_opens_a_new_memory_when_one_is_full(model_dir):
+    """edits_per_memory caps what one merged memory holds; the next edit starts a fresh
+    memory (and a fresh replay factor: the earlier edits are in the full one)."""
+    sess = open_model(str(model_dir), device="cpu")
+    cfg = WiseConfig(**{**LEARN, "edits_per_shard": 1, "shards_per_merge": 1, "edits_per_memory": 2})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    placed = editor.apply(RECORDS[:2])
+    full = sess.mem.memories[0].clone()
+    two_edits_tokens = float(sess.mem.replay_count)
+    placed += editor.apply(RECORDS[2:3])
+    assert [p["memory"] for p in placed] == [0, 0, 1]
+    assert editor.state.memory_edit_counts == [2, 1]
+    assert sess.mem.n_memories == 2 and sess.mem.thresholds.shape == (2,)
+    torch.testing.assert_close(sess.mem.memories[0], full)  # the full memory is left as it was
+    assert 0 < float(sess.mem.replay_count) < two_edits_tokens
+    assert sess.mem.key_memory.tolist()[-1] == 1
+    for rec in RECORDS:
+        assert int(_route(sess, rec.prompt)) != NO_MEMORY, rec.id
+
+
 def _prompt_score(sess, text: str, k: int = 0) -> float:
     """Router score of a bare prompt under side memory k, from a plain forward."""
     _logits(sess.model, sess.tokenizer, [text])

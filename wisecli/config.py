@@ -31,6 +31,11 @@ class WiseConfig:
     # Knowledge sharding: edits trained together, each shard under its own mask.
     edits_per_shard: int = 10
     shards_per_merge: int = 2
+    # Merge mode: a side memory takes merged shards until it holds this many edits, then a
+    # new one opens and the key gate picks among them (the paper keeps several merged
+    # memories for long runs).  0: one memory for every edit.  ZsRE dev T=1000 with one
+    # memory forgot (rel 0.708); not yet measured with a limit, so the default stays 0.
+    edits_per_memory: int = 0
     mask_ratio: float = 0.2
     # TIES: keep this share of each shard delta's largest entries before sign election.
     # 1.0 keeps all: trimming a shard that was trained alone only weakens its edits.
@@ -109,7 +114,7 @@ class WiseConfig:
                      "variants_per_step"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("min_steps", "n_prefixes", "negatives_per_step", "n_neighbours", "null_space_rank",
-                     "keys_per_edit", "replay_rank"):
+                     "keys_per_edit", "replay_rank", "edits_per_memory"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")
         _check(0.0 < self.ties_density <= 1.0, "ties_density", "must be in (0, 1]")

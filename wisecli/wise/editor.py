@@ -175,9 +175,19 @@ class WiseEditor:
         rows = (row_edit >= 0).nonzero().squeeze(-1)
         return self.edit_scores(batch.rows(rows).to(self.device), delta)
 
-    def _start_delta(self) -> torch.Tensor:
-        if self.cfg.mode == "merge" and self.mem.n_memories:
-            return self.mem.memories[0].clone()
+    def _fold_into_last(self, n_edits: int) -> bool:
+        """Merge mode: whether the next group joins the newest memory or opens a new one."""
+        counts, cap = self.state.memory_edit_counts, self.cfg.edits_per_memory
+        if self.cfg.mode != "merge" or not self.mem.n_memories:
+            return False
+        return cap == 0 or counts[-1] + n_edits <= cap
+
+    def _start_delta(self, fold: bool) -> torch.Tensor:
+        if fold:
+            return self.mem.memories[-1].clone()
+        if self.cfg.mode == "merge":  # a new memory: earlier edits live elsewhere, nothing to replay
+            self.mem.replay_factor = torch.zeros(0, 0, device=self.device)
+            self.mem.replay_count = torch.zeros((), device=self.device)
         return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
 
     def apply(self, edits: list[EditRecord], progress: ProgressFn | None = None) -> list[dict]:
@@ -188,7 +198,8 @@ class WiseEditor:
         done = 0
         for g in range(0, len(shards), cfg.shards_per_merge):
             group = shards[g:g + cfg.shards_per_merge]
-            start = self._start_delta()
+            fold = self._fold_into_last(sum(len(s) for s in group))
+            start = self._start_delta(fold)
             results: list[ShardResult] = []
             for shard in group:
                 index = self.state.shards_trained
@@ -212,7 +223,7 @@ class WiseEditor:
                               "shard": index, "shard_size": len(shard), "shard_done": True})
                 for e in shard:
                     placed.append({"id": e.id, "shard": index, "steps": res.steps})
-            k = self._merge(results, start, [e for s in group for e in s])
+            k = self._merge(results, start, [e for s in group for e in s], fold)
             for p in placed[len(placed) - sum(len(s) for s in group):]:
                 p["memory"] = k
         return placed
@@ -238,14 +249,15 @@ class WiseEditor:
         mem.replay_factor, mem.replay_count = factor, torch.tensor(count, device=self.device)
 
     def _merge(self, results: list[ShardResult], start: torch.Tensor,
-               edits: list[EditRecord]) -> int:
-        """TIES-merge a group of shards; merge mode folds it into memory 0, retrieve adds a memory."""
+               edits: list[EditRecord], fold: bool) -> int:
+        """TIES-merge a group of shards; merge mode folds it into the newest memory until that
+        holds ``edits_per_memory``, otherwise (and always in retrieve mode) it becomes a new one."""
         cfg, mem = self.cfg, self.mem
         merged = merge_ties([r.delta for r in results], cfg.ties_density)
-        if cfg.mode == "merge" and mem.n_memories:
-            k = 0
+        if fold:
+            k = mem.n_memories - 1
             new = project_rows(cfg.old_memory_weight * start + merged, mem.basis)
-            mem.memories[0] = new
+            mem.memories[k] = new
         else:
             k = mem.n_memories
             new = project_rows(start + merged, mem.basis)
