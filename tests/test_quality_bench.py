@@ -58,3 +58,20 @@ def test_quality_benchmark_writes_the_table(tmp_path, tiny_llama_dir, monkeypatc
     # the edits are learned, not just counted: a tiny model still takes them in
     assert rows[0]["reliability"] == 1.0
     assert rows[1]["reliability"] >= 0.5
+
+
+def test_many_memories_benchmark_routes_and_matches(tiny_llama_dir, monkeypatch, capsys):
+    """benchmarks/many_memories.py: the routable-only path generates exactly what computing
+    every memory does, with the keyed prompts routed and the others not."""
+    spec = importlib.util.spec_from_file_location("many_memories", SCRIPT.parent / "many_memories.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["many_memories.py", "--model", str(tiny_llama_dir), "--device", "cpu",
+                                      "--memories", "12", "--new-tokens", "3", "--reps", "1", "--json"])
+    mod.main()
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.index("{"):])
+    assert res["memories"] == 12 and res["prompts"] == len(mod.ROUTED + mod.OTHER)
+    assert res["same_tokens"] is True
+    assert res["prompts_routed"] == len(mod.ROUTED)
+    assert res["seconds_routable_only"] > 0 and res["seconds_every_memory"] > 0
