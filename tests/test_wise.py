@@ -1,5 +1,6 @@
 """WISE end to end on tiny random checkpoints: the side-memory layer, the fast training path,
-lifelong edits, the checkpoint round trip, retrieve mode, per-example routing and generation.
+lifelong edits, the checkpoint round trip, retrieve mode, thresholds and replay (per-example
+routing is in test_routing.py).
 
 Every test runs on a LLaMA (``nn.Linear`` down_proj) and a GPT-2 (transposed ``Conv1D``
 c_proj), each saved to disk by ``conftest`` and opened the way the CLI opens it.
@@ -11,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import wisecli.wise.memory as memory_module
-from wisecli.batching import encode_pairs
 from wisecli.checkpoint import write_checkpoint
 from wisecli.cli.edit import _manifest
 from wisecli.config import WiseConfig
@@ -22,15 +21,15 @@ from wisecli.models import load_model
 from wisecli.session import editor_state, open_model, session_config
 from wisecli.wise.editor import WiseEditor
 from wisecli.wise.maths import NO_MEMORY, shard_mask
-from wisecli.wise.memory import SideMemoryLayer, main_memory_only, route_on
+from wisecli.wise.memory import SideMemoryLayer
 from wisecli.bench.reference import reference_forward
 from wisecli.wise.train import fast_forward, record_inputs, train_shard
 
 from conftest import EDITS
+from wise_support import ARCHS, arch, arch_dir, logits as _logits, model_dir, route as _route  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ARCHS = ["llama", "gpt2"]
 RECORDS = [EditRecord(id=e["id"], prompt=e["prompt"], target_new=e["target_new"],
                       rephrase=tuple(e.get("rephrase", ())),
                       locality_prompt=e.get("locality_prompt"),
@@ -41,34 +40,6 @@ UNEDITED = "the green lake and the small mountain"
 # Enough steps and a dense enough mask that a random 4-layer model learns all three edits.
 LEARN = dict(optimizer="adam", learning_rate=0.05, max_steps=60, mask_ratio=0.5, n_prefixes=2, n_negatives=4,
              negative_lengths=(4,), negatives_per_step=4)
-
-
-@pytest.fixture(params=ARCHS)
-def arch(request) -> str:
-    return request.param
-
-
-def _dir(request, arch: str) -> Path:
-    return request.getfixturevalue(f"tiny_{arch}_dir")
-
-
-@pytest.fixture
-def model_dir(request, arch) -> Path:
-    return _dir(request, arch)
-
-
-def _logits(model, tok, texts: list[str]) -> torch.Tensor:
-    """Left-padded batch with explicit position ids (what evaluation and generation use)."""
-    batch = encode_pairs(tok, texts, [None] * len(texts))
-    with torch.no_grad():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids).logits
-
-
-def _route(sess, text: str) -> torch.Tensor:
-    sess.mem.last_route = None
-    _logits(sess.model, sess.tokenizer, [text])
-    return sess.mem.last_route.clone()
 
 
 # ---- the layer ---------------------------------------------------------------------
@@ -124,7 +95,7 @@ def _shard_setup(sess, cfg, seed=3):
 
 @pytest.mark.parametrize("layer", [2, 3])
 def test_fast_path_equals_full_forward_reference(request, arch, layer):
-    sess = open_model(str(_dir(request, arch)), device="cpu", layer=layer)
+    sess = open_model(str(arch_dir(request, arch)), device="cpu", layer=layer)
     cfg = WiseConfig(max_steps=5, min_steps=5, check_every=5, n_prefixes=2, negatives_per_step=2,
                      variants_per_step=2, learning_rate=0.05)
     editor, batch, row_edit, base, mask = _shard_setup(sess, cfg)
@@ -203,7 +174,7 @@ def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
 @pytest.fixture(scope="module", params=ARCHS)
 def edited(request, single_thread):
     """A session with the three test edits trained in (merge mode), shared by this module."""
-    sess = open_model(str(_dir(request, request.param)), device="cpu")
+    sess = open_model(str(arch_dir(request, request.param)), device="cpu")
     cfg = WiseConfig(**LEARN)
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     editor.prepare()
@@ -312,101 +283,6 @@ def test_merge_mode_threshold_tracks_the_memory_over_all_edits(model_dir):
     assert (sess.mem.key_memory == 0).all()
     # stored at half precision: 4 keys of a 7B model are 88 KB per edit
     assert sess.mem.edit_keys.dtype == torch.float16
-
-
-# ---- routing per example --------------------------------------------------------------
-
-
-def _hand_set_memory(sess, a: str, b: str) -> tuple[float, float]:
-    """One random side memory whose threshold sits between the scores of prompts a and b."""
-    mem = sess.mem
-    g = torch.Generator().manual_seed(0)
-    mem.memories = torch.randn(1, mem.out_features, mem.in_features, generator=g) * 0.1
-    mem.min_edit_scores = torch.zeros(1)
-    mem.thresholds = torch.zeros(1)
-    scores = []
-    for text in (a, b):
-        _logits(sess.model, sess.tokenizer, [text])
-        scores.append(float(mem.last_scores[0, 0]))
-    assert abs(scores[0] - scores[1]) > 1e-3 * max(scores)
-    mem.thresholds = torch.tensor([sum(scores) / 2])
-    return scores[0], scores[1]
-
-
-def test_routing_is_per_example(model_dir):
-    sess = open_model(str(model_dir), device="cpu")
-    a, b = "the capital of france is", "who plays music in the big city"
-    sa, sb = _hand_set_memory(sess, a, b)
-    want = [0 if sa > sb else NO_MEMORY, 0 if sb > sa else NO_MEMORY]
-
-    batch = encode_pairs(sess.tokenizer, [a, b], [None, None])
-    assert (batch.attention_mask == 0).any()  # one row is padded
-    both = _logits(sess.model, sess.tokenizer, [a, b])
-    assert sess.mem.last_route.tolist() == want
-    with main_memory_only(sess.mem):
-        base = _logits(sess.model, sess.tokenizer, [a, b])
-    for i, text in enumerate((a, b)):
-        alone = _logits(sess.model, sess.tokenizer, [text])[0]
-        assert sess.mem.last_route.tolist() == [want[i]]
-        n = alone.shape[0]
-        torch.testing.assert_close(both[i, -n:], alone, rtol=1e-4, atol=1e-5)
-        if want[i] == NO_MEMORY:   # the unrouted row is the unedited model
-            torch.testing.assert_close(both[i, -n:], base[i, -n:], rtol=1e-4, atol=1e-5)
-        else:                      # the routed row really went through the side memory
-            assert (both[i, -n:] - base[i, -n:]).abs().max() > 1e-3
-
-
-def test_route_on_scores_the_query_only(model_dir):
-    """Teacher-forced answer tokens never change the routing decision."""
-    sess = open_model(str(model_dir), device="cpu")
-    a, b = "the capital of france is", "who plays music in the big city"
-    _hand_set_memory(sess, a, b)
-    batch = encode_pairs(sess.tokenizer, [a, a], ["rome", "the old king of italy and spain"])
-    with torch.no_grad():
-        sess.mem.last_route = None
-        _logits(sess.model, sess.tokenizer, [a])
-        alone = sess.mem.last_route.clone()
-        with route_on(sess.mem, batch.query_mask):
-            sess.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids)
-    assert sess.mem.last_route.tolist() == alone.tolist() * 2
-
-
-# ---- generation holds the prompt's decision ------------------------------------------------
-
-
-@pytest.mark.parametrize("hold", [True, False])
-def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
-    sess = open_model(str(model_dir), device="cpu")
-    a, b = "the capital of france is", "who plays music in the big city"
-    _hand_set_memory(sess, a, b)
-    tok = sess.tokenizer
-    enc = tok([a, b], return_tensors="pt", padding=True, return_token_type_ids=False)
-    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        sess.model(**enc, position_ids=position_ids)
-    plain = sess.mem.last_route.clone()
-    assert sorted(plain.tolist()) == [NO_MEMORY, 0]  # one row routes, one does not
-
-    real = memory_module.choose_memory
-    calls: list[int] = []
-
-    def counting(scores, thresholds):
-        calls.append(scores.shape[-1])
-        return real(scores, thresholds)
-
-    monkeypatch.setattr(memory_module, "choose_memory", counting)
-    sess.mem.hold = hold
-    new_tokens = 4
-    with torch.no_grad():
-        sess.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            pad_token_id=tok.pad_token_id)
-    if hold:
-        assert len(calls) == 1                      # decided once, on the prompt
-        assert torch.equal(sess.mem.held_route, plain)
-        assert torch.equal(sess.mem.last_route, plain)  # and used for the last generated token
-    else:
-        assert len(calls) == new_tokens             # the control: every step re-decides
 
 
 def test_replay_keeps_earlier_edits_output_in_merge_mode(model_dir):

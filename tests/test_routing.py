@@ -1,0 +1,113 @@
+"""Per-example routing on tiny random checkpoints: each prompt in a batch takes its own
+side memory or none, teacher-forced answers never sway the decision, and generation keeps
+the decision the prompt made.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wisecli.wise.memory as memory_module
+from wisecli.batching import encode_pairs
+from wisecli.session import open_model
+from wisecli.wise.maths import NO_MEMORY
+from wisecli.wise.memory import main_memory_only, route_on
+
+from wise_support import arch, logits as _logits, model_dir  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---- routing per example --------------------------------------------------------------
+
+
+def _hand_set_memory(sess, a: str, b: str) -> tuple[float, float]:
+    """One random side memory whose threshold sits between the scores of prompts a and b."""
+    mem = sess.mem
+    g = torch.Generator().manual_seed(0)
+    mem.memories = torch.randn(1, mem.out_features, mem.in_features, generator=g) * 0.1
+    mem.min_edit_scores = torch.zeros(1)
+    mem.thresholds = torch.zeros(1)
+    scores = []
+    for text in (a, b):
+        _logits(sess.model, sess.tokenizer, [text])
+        scores.append(float(mem.last_scores[0, 0]))
+    assert abs(scores[0] - scores[1]) > 1e-3 * max(scores)
+    mem.thresholds = torch.tensor([sum(scores) / 2])
+    return scores[0], scores[1]
+
+
+def test_routing_is_per_example(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    sa, sb = _hand_set_memory(sess, a, b)
+    want = [0 if sa > sb else NO_MEMORY, 0 if sb > sa else NO_MEMORY]
+
+    batch = encode_pairs(sess.tokenizer, [a, b], [None, None])
+    assert (batch.attention_mask == 0).any()  # one row is padded
+    both = _logits(sess.model, sess.tokenizer, [a, b])
+    assert sess.mem.last_route.tolist() == want
+    with main_memory_only(sess.mem):
+        base = _logits(sess.model, sess.tokenizer, [a, b])
+    for i, text in enumerate((a, b)):
+        alone = _logits(sess.model, sess.tokenizer, [text])[0]
+        assert sess.mem.last_route.tolist() == [want[i]]
+        n = alone.shape[0]
+        torch.testing.assert_close(both[i, -n:], alone, rtol=1e-4, atol=1e-5)
+        if want[i] == NO_MEMORY:   # the unrouted row is the unedited model
+            torch.testing.assert_close(both[i, -n:], base[i, -n:], rtol=1e-4, atol=1e-5)
+        else:                      # the routed row really went through the side memory
+            assert (both[i, -n:] - base[i, -n:]).abs().max() > 1e-3
+
+
+def test_route_on_scores_the_query_only(model_dir):
+    """Teacher-forced answer tokens never change the routing decision."""
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    _hand_set_memory(sess, a, b)
+    batch = encode_pairs(sess.tokenizer, [a, a], ["rome", "the old king of italy and spain"])
+    with torch.no_grad():
+        sess.mem.last_route = None
+        _logits(sess.model, sess.tokenizer, [a])
+        alone = sess.mem.last_route.clone()
+        with route_on(sess.mem, batch.query_mask):
+            sess.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids)
+    assert sess.mem.last_route.tolist() == alone.tolist() * 2
+
+
+# ---- generation holds the prompt's decision ------------------------------------------------
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
+    sess = open_model(str(model_dir), device="cpu")
+    a, b = "the capital of france is", "who plays music in the big city"
+    _hand_set_memory(sess, a, b)
+    tok = sess.tokenizer
+    enc = tok([a, b], return_tensors="pt", padding=True, return_token_type_ids=False)
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        sess.model(**enc, position_ids=position_ids)
+    plain = sess.mem.last_route.clone()
+    assert sorted(plain.tolist()) == [NO_MEMORY, 0]  # one row routes, one does not
+
+    real = memory_module.choose_memory
+    calls: list[int] = []
+
+    def counting(scores, thresholds):
+        calls.append(scores.shape[-1])
+        return real(scores, thresholds)
+
+    monkeypatch.setattr(memory_module, "choose_memory", counting)
+    sess.mem.hold = hold
+    new_tokens = 4
+    with torch.no_grad():
+        sess.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=tok.pad_token_id)
+    if hold:
+        assert len(calls) == 1                      # decided once, on the prompt
+        assert torch.equal(sess.mem.held_route, plain)
+        assert torch.equal(sess.mem.last_route, plain)  # and used for the last generated token
+    else:
+        assert len(calls) == new_tokens             # the control: every step re-decides
