@@ -10,6 +10,7 @@ from wisecli.wise.maths import (
     NO_MEMORY,
     activation_score,
     choose_memory,
+    key_coverage,
     key_similarity,
     margin_loss,
     merge_ties,
@@ -283,6 +284,29 @@ def test_key_similarity_best_token_and_key_per_memory():
     torch.testing.assert_close(sims[0], torch.tensor([1.0, 0.0]))  # memory 0, per row
     torch.testing.assert_close(sims[1], torch.tensor([0.0, 1.0]))
     assert (sims[2] == -1).all()  # a memory without keys
+
+
+def test_key_coverage_prefers_the_edit_a_prompt_matches_on_most_keys():
+    """Memory 0 holds an edit keyed on axes 0, 1, 2; memory 1 one keyed on axes 3, 4.
+    The prompt is close to axes 0 and 1 and exactly on axis 3 (a word both share): the
+    closest single key is memory 1's, but memory 0's edit is the one the prompt covers."""
+    eye = torch.eye(5)
+    keys = eye.clone()
+    key_edit, key_memory = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 0, 0, 1, 1])
+    # the first token (the sink) sits on axis 4 and must not count
+    tokens = torch.stack([7 * eye[4], eye[0] + 0.3 * eye[2], eye[1] + 0.3 * eye[2], eye[3]])[None]
+    mask = torch.ones(1, 4)
+    sims = key_similarity(tokens, mask, keys, key_memory, n_memories=2)
+    cover = key_coverage(tokens, mask, keys, key_edit, key_memory, n_memories=2)
+    assert int(sims[:, 0].argmax()) == 1 and float(sims[1, 0]) == pytest.approx(1.0)
+    near = 1 / (1 + 0.3 ** 2) ** 0.5
+    assert float(cover[0, 0]) == pytest.approx((near + near + 0.3 * near) / 3, rel=1e-5)
+    assert float(cover[1, 0]) == pytest.approx((1.0 + 0.0) / 2)
+    assert int(cover[:, 0].argmax()) == 0
+    # an edit's coverage is its own keys' mean; the memory takes its best edit
+    key_edit3 = torch.tensor([0, 0, 0, 1, 2])  # axis 3 alone is now a whole edit
+    cover3 = key_coverage(tokens, mask, keys, key_edit3, key_memory, n_memories=2)
+    assert float(cover3[1, 0]) == pytest.approx(1.0)
 
 
 def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():

@@ -52,6 +52,10 @@ class WiseConfig:
     # >= key_gate with one of the memory's keys (in the null-space-projected activations).
     # 0 turns it off.  See DESIGN.md "Key gate".
     key_gate: float = 0.85
+    # Among the memories that pass: "coverage" picks the one holding the edit whose keys the
+    # prompt matches best on average, "closest" the one with the single closest key.  See
+    # maths.key_coverage.
+    route_by: str = "closest"
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score
@@ -124,6 +128,7 @@ class WiseConfig:
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.replay_weight >= 0, "replay_weight", "must be >= 0")
         _check(self.learned_nll > 0, "learned_nll", "must be > 0")
+        _check(self.route_by in ("coverage", "closest"), "route_by", "must be 'coverage' or 'closest'")
         _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
         _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import (NO_MEMORY, activation_score, choose_memory, key_similarity, moment_factor, pool_scores,
+from .maths import (NO_MEMORY, activation_score, choose_memory, key_match, moment_factor,
+                    pool_scores,
                     project_out, token_scores)
 
 
@@ -64,6 +65,9 @@ class SideMemoryLayer(nn.Module):
         # Cosine a prompt token must reach with one of a memory's keys for that memory to be
         # used (WiseConfig.key_gate; 0: the score alone decides).
         self.key_gate = 0.0
+        # How a prompt picks among the memories that pass: "coverage" or "closest" key
+        # (WiseConfig.route_by).
+        self.route_by = "closest"
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_key_sims: torch.Tensor | None = None
         self.held_route: torch.Tensor | None = None
@@ -144,8 +148,11 @@ class SideMemoryLayer(nn.Module):
         else:
             mask = self._mask_for(a.shape[1])
             gated = self.key_gate > 0 and self.edit_keys.shape[0] > 0
-            sims = key_similarity(project_out(a32, self.basis), mask, self.unit_keys(),
-                                  self.key_memory, self.n_memories) if gated else None
+            sims = rank = None
+            if gated:  # rank: what orders the memories that pass (WiseConfig.route_by)
+                sims, rank = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_edit,
+                                       self.key_memory, self.n_memories,
+                                       coverage=self.route_by == "coverage" and self.n_memories > 1)
             candidates: list[int] = list(range(self.n_memories))
             if many and sims is not None:  # a memory the gate shuts for every prompt scores 0 anyway
                 candidates = (sims >= self.key_gate).any(dim=1).nonzero().flatten().tolist()
@@ -155,7 +162,7 @@ class SideMemoryLayer(nn.Module):
             if sims is not None:
                 scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
                 self.last_key_sims = sims
-                route = choose_memory(scores, self.thresholds, sims)  # the closest key's memory
+                route = choose_memory(scores, self.thresholds, rank)
             else:
                 route = choose_memory(scores, self.thresholds)
             self.last_scores = scores
