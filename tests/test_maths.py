@@ -309,6 +309,22 @@ def test_key_coverage_prefers_the_edit_a_prompt_matches_on_most_keys():
     assert float(cover3[1, 0]) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("route_by,want", [("closest", 1), ("coverage", 0)])
+def test_layer_picks_the_memory_by_route_by(route_by, want):
+    """The same two memories and prompt as above, inside the layer: both memories clear
+    their thresholds and pass the gate; ``route_by`` alone decides which one answers."""
+    from wisecli.wise.memory import SideMemoryLayer
+    eye = torch.eye(5)
+    mem = SideMemoryLayer(torch.nn.Linear(5, 3, bias=False), "linear", 5, 3)
+    mem.memories = torch.ones(2, 3, 5)
+    mem.thresholds = torch.tensor([0.1, 0.1])
+    mem.edit_keys = eye.half()
+    mem.key_edit, mem.key_memory = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 0, 0, 1, 1])
+    mem.key_gate, mem.route_by = 0.9, route_by
+    mem(torch.stack([7 * eye[4], eye[0] + 0.3 * eye[2], eye[1] + 0.3 * eye[2], eye[3]])[None])
+    assert mem.last_route.tolist() == [want]
+
+
 def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
     from wisecli.wise.memory import SideMemoryLayer
     base = torch.nn.Linear(4, 2, bias=False)

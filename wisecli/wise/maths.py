@@ -136,16 +136,21 @@ def key_coverage(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torc
 
 def key_match(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
               key_edit: torch.Tensor, key_memory: torch.Tensor, n_memories: int,
-              coverage: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              coverage: bool, edit_owner: tuple[torch.Tensor, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``key_similarity`` and, when asked, ``key_coverage`` from one token-by-key product.
-    Without ``coverage`` the second tensor is the first."""
+    Without ``coverage`` the second tensor is the first.  ``edit_owner`` (each key's edit
+    numbered 0..E-1, and E) may be passed precomputed: ``torch.unique`` syncs a GPU."""
     best = _best_token(acts, token_mask, keys)  # (B, M)
     sims = _per_memory(best, key_memory, n_memories)
     if not coverage:
         return sims, sims
-    edits, owner = torch.unique(key_edit, return_inverse=True)
+    if edit_owner is None:
+        edits, owner = torch.unique(key_edit, return_inverse=True)
+        edit_owner = (owner, edits.numel())
+    owner, n_edits = edit_owner
     index = owner[None].expand(best.shape[0], -1)
-    per_edit = torch.zeros(best.shape[0], edits.numel(), device=best.device).scatter_reduce(
+    per_edit = torch.zeros(best.shape[0], n_edits, device=best.device).scatter_reduce(
         1, index, best, reduce="mean", include_self=False)
     return sims, _per_memory(per_edit.gather(1, index), key_memory, n_memories)
 

@@ -69,6 +69,7 @@ class SideMemoryLayer(nn.Module):
         # (WiseConfig.route_by).
         self.route_by = "closest"
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self.last_key_sims: torch.Tensor | None = None
         self.held_route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
@@ -112,6 +113,13 @@ class SideMemoryLayer(nn.Module):
             self._unit_keys = (self.edit_keys, unit)
         return self._unit_keys[1]
 
+    def edit_owner(self) -> tuple[torch.Tensor, int]:
+        """Each key's edit numbered 0..E-1, and E; cached like ``unit_keys``."""
+        if self._edit_owner is None or self._edit_owner[0] is not self.key_edit:
+            edits, owner = torch.unique(self.key_edit, return_inverse=True)
+            self._edit_owner = (self.key_edit, (owner, edits.numel()))
+        return self._edit_owner[1]
+
     @property
     def n_memories(self) -> int:
         return int(self.memories.shape[0])
@@ -150,9 +158,10 @@ class SideMemoryLayer(nn.Module):
             gated = self.key_gate > 0 and self.edit_keys.shape[0] > 0
             sims = rank = None
             if gated:  # rank: what orders the memories that pass (WiseConfig.route_by)
+                cover = self.route_by == "coverage" and self.n_memories > 1
                 sims, rank = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_edit,
-                                       self.key_memory, self.n_memories,
-                                       coverage=self.route_by == "coverage" and self.n_memories > 1)
+                                       self.key_memory, self.n_memories, coverage=cover,
+                                       edit_owner=self.edit_owner() if cover else None)
             candidates: list[int] = list(range(self.n_memories))
             if many and sims is not None:  # a memory the gate shuts for every prompt scores 0 anyway
                 candidates = (sims >= self.key_gate).any(dim=1).nonzero().flatten().tolist()
