@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from wisecli.config import WiseConfig
 from wisecli.batching import encode_pairs
 from wisecli.session import open_model
 from wisecli.wise.memory import SideMemoryLayer
@@ -52,9 +53,9 @@ def main() -> None:
     handle.remove()
     keys = torch.cat([seen[0][:, -1].float().cpu(), torch.randn(4 * k - len(ROUTED), mem.in_features, generator=gen)])
     mem.edit_keys = keys.half().to(dev)
-    mem.key_edit = (torch.arange(4 * k) // 4).to(dev)
+    mem.key_edit = torch.arange(4 * k).to(dev)  # one key per edit: coverage is the key's own cosine
     mem.key_memory = torch.cat([torch.arange(len(ROUTED)), torch.arange(len(ROUTED), 4 * k) % k]).to(dev)
-    mem.key_gate = 0.85
+    mem.key_gate, mem.route_by = WiseConfig().key_gate, WiseConfig().route_by  # the defaults' path
     tok.padding_side = "left"
     enc = tok(ROUTED + OTHER, return_tensors="pt", padding=True).to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
