@@ -303,16 +303,14 @@ def test_key_coverage_prefers_the_edit_a_prompt_matches_on_most_keys():
     assert float(cover[0, 0]) == pytest.approx((near + near + 0.3 * near) / 3, rel=1e-5)
     assert float(cover[1, 0]) == pytest.approx((1.0 + 0.0) / 2)
     assert int(cover[:, 0].argmax()) == 0
-    # an edit's coverage is its own keys' mean; the memory takes its best edit
-    key_edit3 = torch.tensor([0, 0, 0, 1, 2])  # axis 3 alone is now a whole edit
-    cover3 = key_coverage(tokens, mask, keys, key_edit3, key_memory, n_memories=2)
+    # a memory takes its best edit: with axis 3 a whole edit of its own, it is fully covered
+    cover3 = key_coverage(tokens, mask, keys, torch.tensor([0, 0, 0, 1, 2]), key_memory, n_memories=2)
     assert float(cover3[1, 0]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("route_by,want", [("closest", 1), ("coverage", 0)])
 def test_layer_picks_the_memory_by_route_by(route_by, want):
-    """The same two memories and prompt as above, inside the layer: both memories clear
-    their thresholds and pass the gate; ``route_by`` alone decides which one answers."""
+    """The memories and prompt above, in the layer: both pass; ``route_by`` alone decides."""
     from wisecli.wise.memory import SideMemoryLayer
     eye = torch.eye(5)
     mem = SideMemoryLayer(torch.nn.Linear(5, 3, bias=False), "linear", 5, 3)
