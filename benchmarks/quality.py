@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from wisecli.checkpoint import write_checkpoint
+from wisecli.cli.edit import edit_manifest
 from wisecli.config import load_config
 from wisecli.edits import load_edits, load_prompts
 from wisecli.evaluate import evaluate
@@ -67,6 +69,10 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
             spent = time.perf_counter() - t0
             print(f"  T={t}: {done} edits applied, {spent / done:.2f} s/edit", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
+    if args.save:  # the trained state, to re-evaluate later (wise eval) without retraining
+        manifest = edit_manifest(sess, cfg, editor, records, placed, None, Path(args.dataset), seconds)
+        write_checkpoint(_saved(args, t), base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()),
+                         manifest=manifest, patch_only=True)
     steps = {p["shard"]: p["steps"] for p in placed}  # optimisation steps each shard took
     report = evaluate(sess.model, sess.tokenizer, sess.mem, records)
     row = {k: v for k, v in report.to_dict().items() if k != "edits"}
@@ -75,6 +81,10 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
                memories=sess.mem.n_memories, base_perplexity=base_ppl,
                mean_steps_per_shard=sum(steps.values()) / max(len(steps), 1))
     return row
+
+
+def _saved(args: argparse.Namespace, t: int) -> Path:
+    return Path(args.save) / f"T{t}"
 
 
 def _f(x: float | None, width: int = 6) -> str:
@@ -113,7 +123,12 @@ def main() -> None:
                     help="router negatives: generated (wise edit's default), train (the dataset's "
                          "train split, as in the WISE paper) or a file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--save", default=None,
+                    help="also write each T's patched checkpoint (patch only) to SAVE/T<T>")
     args = ap.parse_args()
+    taken = [str(_saved(args, t)) for t in args.T if args.save and _saved(args, t).exists()]
+    if taken:  # before hours of training, not after
+        sys.exit(f"quality.py: --save: {taken[0]} already exists; choose another directory")
     rows = []
     print(f"{'T':>6} {'rel':>6} {'gen':>6} {'loc':>6} {'gen-acc':>8} {'avg':>6} {'ppl':>8} "
           f"{'base-ppl':>9} {'s/edit':>7}")

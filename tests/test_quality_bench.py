@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from wisecli.edits import load_edits
+from wisecli.evaluate import evaluate
+from wisecli.session import open_model
+
 from conftest import EDITS, MORE_EDITS, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_thread", "wise_cache")
@@ -42,7 +46,7 @@ def test_quality_benchmark_writes_the_table(tmp_path, tiny_llama_dir, monkeypatc
     monkeypatch.setattr(sys, "argv", [
         "quality.py", "--dataset", str(data), "--T", "1", str(len(EDITS) + len(MORE_EDITS)),
         "--model", str(tiny_llama_dir), "--device", "cpu", "--config", str(cfg),
-        "--arrival", "5", "--out", str(out)])
+        "--arrival", "5", "--out", str(out), "--save", str(tmp_path / "saved")])
     _quality().main()
     printed = capsys.readouterr().out
     result = json.loads((out / f"quality-edits-{tiny_llama_dir.name}-merge.json").read_text())
@@ -58,6 +62,14 @@ def test_quality_benchmark_writes_the_table(tmp_path, tiny_llama_dir, monkeypatc
     # the edits are learned, not just counted: a tiny model still takes them in
     assert rows[0]["reliability"] == 1.0
     assert rows[1]["reliability"] >= 0.5
+    # --save wrote the trained state as a checkpoint that evaluates to the same figures
+    saved = open_model(str(tmp_path / "saved" / f"T{rows[1]['T']}"), device="cpu")
+    assert saved.mem.n_memories == rows[1]["memories"]
+    again = evaluate(saved.model, saved.tokenizer, saved.mem, load_edits(data), generate=False)
+    assert again.reliability == pytest.approx(rows[1]["reliability"])
+    assert again.locality == pytest.approx(rows[1]["locality"])
+    with pytest.raises(SystemExit, match="already exists"):  # never overwritten
+        _quality().main()
 
 
 def test_many_memories_benchmark_routes_and_matches(tiny_llama_dir, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from wisecli.checkpoint import write_checkpoint
-from wisecli.cli.edit import _manifest
+from wisecli.cli.edit import edit_manifest
 from wisecli.config import WiseConfig
 from wisecli.edits import EditRecord
 from wisecli.evaluate import evaluate
@@ -199,7 +199,7 @@ def test_editor_learns_edits(edited):
 def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
     sess, cfg, editor, placed = edited
     out = tmp_path / "patched"
-    manifest = _manifest(sess, cfg, editor, RECORDS, placed, None, Path("edits.jsonl"), 1.0)
+    manifest = edit_manifest(sess, cfg, editor, RECORDS, placed, None, Path("edits.jsonl"), 1.0)
     write_checkpoint(out, base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()), manifest=manifest)
     assert {"wise.json", "wise.safetensors", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
 

@@ -76,7 +76,7 @@ def edit(
         with console.progress_bar("evaluating", len(records), quiet) as bar:
             report = evaluate(sess.model, sess.tokenizer, sess.mem, records,
                               progress=(lambda d, t: bar(d * len(records) // max(t, 1))) if bar else None)
-    manifest = _manifest(sess, cfg, editor, records, placed, report, edits, edit_seconds)
+    manifest = edit_manifest(sess, cfg, editor, records, placed, report, edits, edit_seconds)
     write_checkpoint(output, base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()),
                      manifest=manifest, patch_only=patch_only, force=force,
                      progress=lambda m: console.status(m, quiet))
@@ -96,7 +96,9 @@ def edit(
     console.out.print(summary_table("wise edit", {k: v for k, v in summary.items() if k != "metrics"}))
 
 
-def _manifest(sess, cfg, editor, records, placed, report, edits_path: Path, seconds: float) -> dict:
+def edit_manifest(sess, cfg, editor, records, placed, report, edits_path: Path, seconds: float) -> dict:
+    """The manifest of a checkpoint after an edit run: the prior runs' edits plus these.
+    Public because the quality benchmark writes the same checkpoints ``wise edit`` does."""
     prior = sess.manifest or {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run = len(prior.get("runs", []))
