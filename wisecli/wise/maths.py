@@ -92,8 +92,8 @@ def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor,
     each memory's scores live on its own scale (a memory of hard edits answers everything
     louder), and the raw maximum sent edits to the wrong memory (ZsRE T=100, retrieve:
     reliability 0.60).  ``rank`` (K, B), when given, orders the memories that clear their
-    thresholds instead (the key gate passes its similarities).  Vectorised and sync-free: no ``.item()``, so it batches and never
-    stalls a GPU.
+    thresholds instead (the layer passes key similarity or coverage, ``route_by``).
+    Vectorised and sync-free: no ``.item()``, so it batches and never stalls a GPU.
     """
     if scores.shape[0] == 0:
         return torch.full(scores.shape[1:], NO_MEMORY, dtype=torch.long, device=scores.device)
@@ -131,23 +131,24 @@ def key_coverage(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torc
     rephrase against all 1000 edits): its own edit ranked first 0.50 of the time by the
     closest key, 0.70 by coverage.  Returns (K, B), -1 for a memory with no key.
     """
-    return key_match(acts, token_mask, keys, key_edit, key_memory, n_memories, coverage=True)[1]
+    return key_match(acts, token_mask, keys, key_memory, n_memories, edit_index(key_edit))[1]
+
+
+def edit_index(key_edit: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each key's edit renumbered 0..E-1, and E.  Worth caching: ``torch.unique`` syncs a GPU."""
+    edits, owner = torch.unique(key_edit, return_inverse=True)
+    return owner, edits.numel()
 
 
 def key_match(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
-              key_edit: torch.Tensor, key_memory: torch.Tensor, n_memories: int,
-              coverage: bool, edit_owner: tuple[torch.Tensor, int] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``key_similarity`` and, when asked, ``key_coverage`` from one token-by-key product.
-    Without ``coverage`` the second tensor is the first.  ``edit_owner`` (each key's edit
-    numbered 0..E-1, and E) may be passed precomputed: ``torch.unique`` syncs a GPU."""
+              key_memory: torch.Tensor, n_memories: int,
+              edit_owner: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key_similarity`` and, given ``edit_owner`` (``edit_index``), ``key_coverage``, from one
+    token-by-key product.  Without ``edit_owner`` the second tensor is the first."""
     best = _best_token(acts, token_mask, keys)  # (B, M)
     sims = _per_memory(best, key_memory, n_memories)
-    if not coverage:
-        return sims, sims
     if edit_owner is None:
-        edits, owner = torch.unique(key_edit, return_inverse=True)
-        edit_owner = (owner, edits.numel())
+        return sims, sims
     owner, n_edits = edit_owner
     index = owner[None].expand(best.shape[0], -1)
     per_edit = torch.zeros(best.shape[0], n_edits, device=best.device).scatter_reduce(

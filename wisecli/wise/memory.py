@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maths import (NO_MEMORY, activation_score, choose_memory, key_match, moment_factor,
-                    pool_scores,
-                    project_out, token_scores)
+from .maths import (NO_MEMORY, activation_score, choose_memory, edit_index, key_match, moment_factor,
+                    pool_scores, project_out, token_scores)
 
 
 class SideMemoryLayer(nn.Module):
@@ -116,8 +115,7 @@ class SideMemoryLayer(nn.Module):
     def edit_owner(self) -> tuple[torch.Tensor, int]:
         """Each key's edit numbered 0..E-1, and E; cached like ``unit_keys``."""
         if self._edit_owner is None or self._edit_owner[0] is not self.key_edit:
-            edits, owner = torch.unique(self.key_edit, return_inverse=True)
-            self._edit_owner = (self.key_edit, (owner, edits.numel()))
+            self._edit_owner = (self.key_edit, edit_index(self.key_edit))
         return self._edit_owner[1]
 
     @property
@@ -159,9 +157,8 @@ class SideMemoryLayer(nn.Module):
             sims = rank = None
             if gated:  # rank: what orders the memories that pass (WiseConfig.route_by)
                 cover = self.route_by == "coverage" and self.n_memories > 1
-                sims, rank = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_edit,
-                                       self.key_memory, self.n_memories, coverage=cover,
-                                       edit_owner=self.edit_owner() if cover else None)
+                sims, rank = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_memory,
+                                       self.n_memories, self.edit_owner() if cover else None)
             candidates: list[int] = list(range(self.n_memories))
             if many and sims is not None:  # a memory the gate shuts for every prompt scores 0 anyway
                 candidates = (sims >= self.key_gate).any(dim=1).nonzero().flatten().tolist()
