@@ -23,7 +23,7 @@ from wisecli.wise.editor import WiseEditor
 from wisecli.wise.maths import NO_MEMORY, shard_mask
 from wisecli.wise.memory import SideMemoryLayer
 from wisecli.bench.reference import reference_forward
-from wisecli.wise.train import fast_forward, record_inputs, train_shard
+from wisecli.wise.train import fast_forward, record_inputs, train_shard, variants_per_step
 
 from conftest import EDITS
 from wise_support import ARCHS, arch, arch_dir, logits as _logits, model_dir, route as _route  # noqa: F401
@@ -134,6 +134,30 @@ def test_fast_path_equals_full_forward_reference(request, arch, layer):
     # the model is left as it was found
     assert sess.mem.train_delta is None and sess.mem.token_mask is None
     assert all(type(b).__name__ != "_Replay" for b in sess.blocks)
+
+
+@pytest.mark.parametrize("tokens_per_edit,variants", [(1, 1), (10_000, 3)])
+def test_long_prompts_train_on_fewer_variants(model_dir, tokens_per_edit, variants):
+    """An edit whose rows are longer than tokens_per_edit trains on its bare prompt alone:
+    the blocks above the memory see one row per edit instead of variants_per_step."""
+    sess = open_model(model_dir, device="cpu")
+    cfg = WiseConfig(max_steps=5, min_steps=5, check_every=5, n_prefixes=2, negatives_per_step=2,
+                     variants_per_step=3, tokens_per_edit=tokens_per_edit, learning_rate=0.05)
+    _editor, batch, row_edit, base, mask = _shard_setup(sess, cfg)
+    rows: list[int] = []
+    handle = sess.blocks[-1].register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    try:
+        res = train_shard(sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit,
+                          base, mask, cfg)
+    finally:
+        handle.remove()
+    assert res.delta.norm() > 0
+    assert max(rows) == variants * (int(row_edit.max()) + 1)
+
+
+def test_variants_shrink_with_row_length():
+    cfg = WiseConfig()  # 3 variants within 160 tokens per edit
+    assert [variants_per_step(cfg, n) for n in (20, 53, 54, 80, 81, 190)] == [3, 3, 2, 2, 1, 1]
 
 
 def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):

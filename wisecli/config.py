@@ -94,6 +94,11 @@ class WiseConfig:
     # copies, drawn afresh each step.  Every copy is seen over the run, at a
     # fraction of the cost of all of them in every step.
     variants_per_step: int = 3
+    # ...but an edit's rows in one step stay within this many tokens: a long prompt (a
+    # hallucination passage, ~140 tokens) trains on its bare prompt alone instead of three
+    # copies, a third of the compute per step.  Rows up to 53 tokens (every ZsRE and
+    # CounterFact edit) keep all variants_per_step.
+    tokens_per_edit: int = 160
     prefix_lengths: tuple[int, ...] = (5, 10)
     # Irrelevant prompts for the router's margin loss.
     # Generated in several lengths: short ones look like prompts that await a fact,
@@ -117,7 +122,7 @@ class WiseConfig:
         _check(0.0 < self.layer_fraction <= 1.0, "layer_fraction", "must be in (0, 1]")
         _check(self.layer is None or self.layer >= 0, "layer", "must be >= 0")
         for name in ("edits_per_shard", "shards_per_merge", "max_steps", "check_every", "n_negatives",
-                     "variants_per_step"):
+                     "variants_per_step", "tokens_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("min_steps", "n_prefixes", "negatives_per_step", "n_neighbours", "null_space_rank",
                      "keys_per_edit", "replay_rank", "edits_per_memory"):

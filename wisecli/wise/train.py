@@ -261,13 +261,23 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     return run
 
 
+def variants_per_step(cfg: WiseConfig, longest_row: int) -> int:
+    """Rows per edit in one step: ``variants_per_step``, fewer when the shard's longest
+    edit row would take an edit past ``tokens_per_edit`` (never fewer than the bare prompt).
+
+    Step cost grows with rows × width; prefixed copies are there so an edit holds in other
+    contexts, which a 100-token prompt already provides, so long prompts drop them first.
+    """
+    return max(1, min(cfg.variants_per_step, cfg.tokens_per_edit // max(longest_row, 1)))
+
+
 def _step_rows(edit_rows: torch.Tensor, near_rows: torch.Tensor, irr_rows: torch.Tensor,
-               cfg: WiseConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               cfg: WiseConfig, gen: torch.Generator, n_variants: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This step's rows: each edit's bare prompt plus random prefixed copies, as an
     (E, v) host tensor; every near miss and a random sample of the generic prompts."""
     n_var = edit_rows.shape[1]
     cols = torch.cat([torch.zeros(1, dtype=torch.long),
-                      1 + torch.randperm(n_var - 1, generator=gen)[: cfg.variants_per_step - 1]])
+                      1 + torch.randperm(n_var - 1, generator=gen)[: n_variants - 1]])
     pick = torch.randperm(irr_rows.numel(), generator=gen)[: cfg.negatives_per_step]
     return edit_rows[:, cols], torch.cat([near_rows, irr_rows[pick]])
 
@@ -304,6 +314,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V), host
     irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
     near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
+    n_variants = variants_per_step(cfg, int(batch.attention_mask[edit_rows.reshape(-1).to(dev)].sum(-1).max()))
     tau = torch.zeros_like(base_delta, requires_grad=True)
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
@@ -321,7 +332,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
         check = step % cfg.check_every == 0 or step == cfg.max_steps
-        rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen)
+        rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen, n_variants)
         ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
         ce_idx = rows[ce_edits].reshape(-1)
         delta = base_delta + tau * mask
