@@ -97,9 +97,9 @@ class WiseConfig:
     # fraction of the cost of all of them in every step.
     variants_per_step: int = 3
     # ...but an edit's rows in one step stay within this many tokens: a long prompt (a
-    # hallucination passage, ~140 tokens) trains on its bare prompt alone instead of three
+    # hallucination passage, ~180-token rows) trains on its bare prompt alone instead of three
     # copies, a third of the compute per step.  Rows up to 53 tokens (every ZsRE and
-    # CounterFact edit) keep all variants_per_step.
+    # CounterFact, KnowEdit edit: at most 50 measured) keep all variants_per_step.
     tokens_per_edit: int = 160
     prefix_lengths: tuple[int, ...] = (5, 10)
     # Irrelevant prompts for the router's margin loss.
