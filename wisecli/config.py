@@ -98,8 +98,8 @@ class WiseConfig:
     variants_per_step: int = 3
     # ...but an edit's rows in one step stay within this many tokens: a long prompt (a
     # hallucination passage, ~180-token rows) trains on its bare prompt alone instead of three
-    # copies, a third of the compute per step.  Rows up to 53 tokens (every ZsRE and
-    # CounterFact, KnowEdit edit: at most 50 measured) keep all variants_per_step.
+    # copies, a third of the compute per step.  Rows up to 53 tokens keep all
+    # variants_per_step: every ZsRE, CounterFact and KnowEdit shard (at most 50 measured).
     tokens_per_edit: int = 160
     prefix_lengths: tuple[int, ...] = (5, 10)
     # Irrelevant prompts for the router's margin loss.

@@ -314,7 +314,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V), host
     irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
     near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
-    n_variants = variants_per_step(cfg, int(batch.attention_mask[edit_rows.reshape(-1).to(dev)].sum(-1).max()))
+    longest_edit_row = int(batch.attention_mask[edit_rows.reshape(-1).to(dev)].sum(-1).max())  # one sync
+    n_variants = variants_per_step(cfg, longest_edit_row)
     tau = torch.zeros_like(base_delta, requires_grad=True)
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
         if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
