@@ -323,6 +323,29 @@ def test_layer_picks_the_memory_by_route_by(route_by, want):
     assert mem.last_route.tolist() == [want]
 
 
+def test_coverage_gate_shuts_a_memory_matched_on_one_key_only():
+    """One edit keyed on axes 0, 1, 2.  A near miss shares one of its words exactly (axis 0,
+    the template); the edit's own rephrase is close to all three.  The key gate passes both;
+    a coverage gate of 0.6 passes only the rephrase."""
+    from wisecli.wise.memory import SideMemoryLayer
+    eye = torch.eye(5)
+    mem = SideMemoryLayer(torch.nn.Linear(5, 3, bias=False), "linear", 5, 3)
+    mem.memories = torch.ones(1, 3, 5)
+    mem.thresholds = torch.tensor([0.1])
+    mem.edit_keys = eye[:3].half()
+    mem.key_edit, mem.key_memory = torch.tensor([0, 0, 0]), torch.tensor([0, 0, 0])
+    sink = 7 * eye[4]
+    near_miss = torch.stack([sink, eye[0], eye[3], eye[3] + 0.1 * eye[4]])
+    rephrase = torch.stack([sink, eye[0] + 0.2 * eye[3], eye[1] + 0.2 * eye[3], eye[2] + 0.2 * eye[4]])
+    a = torch.stack([near_miss, rephrase])
+    mem.key_gate = 0.9
+    mem(a)
+    assert mem.last_route.tolist() == [0, 0]
+    mem.coverage_gate = 0.6
+    mem(a)
+    assert mem.last_route.tolist() == [NO_MEMORY, 0]
+
+
 def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
     from wisecli.wise.memory import SideMemoryLayer
     base = torch.nn.Linear(4, 2, bias=False)

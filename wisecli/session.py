@@ -82,6 +82,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         mem.pooling = manifest["config"].get("score_pooling", "mean")
         mem.key_gate = float(manifest["config"].get("key_gate", 0.0))
         mem.route_by = manifest["config"].get("route_by", "closest")  # older checkpoints
+        mem.coverage_gate = float(manifest["config"].get("coverage_gate", 0.0))
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
                    time.perf_counter() - t0)

@@ -55,7 +55,7 @@ class WiseEditor:
         self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
         mem.pooling, mem.hold, mem.key_gate = cfg.score_pooling, cfg.hold_routing, cfg.key_gate
-        mem.route_by = cfg.route_by
+        mem.route_by, mem.coverage_gate = cfg.route_by, cfg.coverage_gate
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None

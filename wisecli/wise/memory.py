@@ -67,6 +67,9 @@ class SideMemoryLayer(nn.Module):
         # How a prompt picks among the memories that pass: "coverage" or "closest" key
         # (WiseConfig.route_by).
         self.route_by = "closest"
+        # Mean cosine a prompt must reach over one edit's keys as well (WiseConfig.coverage_gate;
+        # 0: the key gate alone decides).
+        self.coverage_gate = 0.0
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self.last_key_sims: torch.Tensor | None = None
@@ -155,18 +158,24 @@ class SideMemoryLayer(nn.Module):
             mask = self._mask_for(a.shape[1])
             gated = self.key_gate > 0 and self.edit_keys.shape[0] > 0
             sims = rank = None
+            open_ = None
             if gated:  # rank: what orders the memories that pass (WiseConfig.route_by)
-                cover = self.route_by == "coverage" and self.n_memories > 1
-                sims, rank = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_memory,
-                                       self.n_memories, self.edit_owner() if cover else None)
+                by_cover = self.route_by == "coverage" and self.n_memories > 1
+                need_cover = by_cover or self.coverage_gate > 0
+                sims, cover = key_match(project_out(a32, self.basis), mask, self.unit_keys(), self.key_memory,
+                                        self.n_memories, self.edit_owner() if need_cover else None)
+                rank = cover if by_cover else sims
+                open_ = sims >= self.key_gate
+                if self.coverage_gate > 0:
+                    open_ = open_ & (cover >= self.coverage_gate)
             candidates: list[int] = list(range(self.n_memories))
-            if many and sims is not None:  # a memory the gate shuts for every prompt scores 0 anyway
-                candidates = (sims >= self.key_gate).any(dim=1).nonzero().flatten().tolist()
+            if many and open_ is not None:  # a memory the gate shuts for every prompt scores 0 anyway
+                candidates = open_.any(dim=1).nonzero().flatten().tolist()
             scores = torch.zeros(self.n_memories, a.shape[0], device=a.device)
             for k in candidates:
                 scores[k] = activation_score(delta_out(k), mask, self.pooling) / self.scale
-            if sims is not None:
-                scores = torch.where(sims >= self.key_gate, scores, torch.zeros_like(scores))
+            if open_ is not None:
+                scores = torch.where(open_, scores, torch.zeros_like(scores))
                 self.last_key_sims = sims
                 route = choose_memory(scores, self.thresholds, rank)
             else:
