@@ -193,7 +193,8 @@ class SideMemoryLayer(nn.Module):
 
 
 def _is_decode_step(kwargs: dict) -> bool:
-    cache = kwargs.get("past_key_values")
+    # transformers 5.x passes the cache as ``cache``; earlier releases as ``past_key_values``.
+    cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     if cache is None:
         return False
     get_len = getattr(cache, "get_seq_length", None)
