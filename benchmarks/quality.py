@@ -47,7 +47,7 @@ TRAIN = {
 
 def run_once(args: argparse.Namespace, t: int) -> dict:
     records = load_edits(DATASETS.get(args.dataset, Path(args.dataset)), offset=args.offset, limit=t)
-    sess = open_model(args.model, device=args.device, dtype=args.dtype)
+    sess = open_model(args.model, device=args.device, dtype=args.dtype, config_file=args.config)
     cfg = load_config(args.config, sess.target.model_type, {"mode": args.mode})
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     base_ppl = None

@@ -56,6 +56,31 @@ def test_patch_only_writes_no_weights_and_evaluates(tmp_path, files, tiny_llama_
     assert all(e["routed"] is not None for e in report["edits"])
 
 
+def test_config_file_places_the_memory(tmp_path, files, tiny_llama_dir):
+    """`layer` (or `layer_fraction`) in --config moves the memory, and the manifest says where."""
+    cfg = tmp_path / "layer1.yaml"
+    cfg.write_text(files["config"].read_text() + "layer: 1\n")
+    out = tmp_path / "at1"
+    code, res = invoke("edit", tiny_llama_dir, files["edits"], "-o", out, "--config", cfg,
+                       "--patch-only", "--no-eval", "--json")
+    assert code == 0, res.output
+    assert json.loads(res.stdout)["module"] == "model.layers.1.mlp.down_proj"
+    m = json.loads((out / "wise.json").read_text())
+    assert m["target"]["layer"] == 1 and m["config"]["layer"] == 1
+    frac = tmp_path / "frac.yaml"
+    frac.write_text(files["config"].read_text() + "layer_fraction: 0.5\n")  # 4 layers -> layer 2
+    code, res = invoke("edit", tiny_llama_dir, files["edits"], "-o", tmp_path / "at2", "--config", frac,
+                       "--patch-only", "--no-eval", "--json")
+    assert code == 0, res.output
+    assert json.loads(res.stdout)["module"] == "model.layers.2.mlp.down_proj"
+    # continuing that checkpoint with a config naming another layer is refused, not ignored
+    other = tmp_path / "layer2.yaml"
+    other.write_text("layer: 2\n")
+    code, res = invoke("edit", out, files["more"], "-o", tmp_path / "next", "--config", other, "--json")
+    assert code != 0 and "differs from the checkpoint's layer 1" in str(res.exception)
+    assert not (tmp_path / "next").exists()
+
+
 def test_info_json_lists_the_edits(patched):
     out, _ = patched
     code, res = invoke("info", out, "--json")

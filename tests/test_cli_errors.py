@@ -58,6 +58,12 @@ def _unknown_key_config(tmp_path: Path) -> Path:
     return p
 
 
+def _layer_config(tmp_path: Path) -> Path:
+    p = tmp_path / "layer99.yaml"
+    p.write_text("max_steps: 5\nlayer: 99\n")
+    return p
+
+
 def _bad_value_config(tmp_path: Path) -> Path:
     p = tmp_path / "bad-value.yaml"
     p.write_text("max_steps: 5\nlearned_nll: 0\n")
@@ -73,6 +79,8 @@ BAD_ARGS = {
     "bad-config-value": (lambda t, m: m, lambda t: ["--config", _bad_value_config(t)],
                          ["bad-value.yaml:2", "learned_nll", "must be > 0"]),
     "layer-out-of-range": (lambda t, m: m, ["--layer", "99"], ["--layer 99", "out of range", "0..3"]),
+    "config-layer-out-of-range": (lambda t, m: m, lambda t: ["--config", _layer_config(t)],
+                                  ["layer99.yaml", "field 'layer'", "out of range", "0..3"]),
     "no-cuda": (lambda t, m: m, ["--device", "cuda"], ["CUDA"]),
 }
 

@@ -50,7 +50,15 @@ def attach(model: nn.Module, target: FFNTarget) -> SideMemoryLayer:
 def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
                layer: int | None = None, module_path: str | None = None,
                device_map: str | None = None,
-               progress: Callable[[str], None] | None = None) -> Session:
+               progress: Callable[[str], None] | None = None,
+               config_file: str | None = None) -> Session:
+    """Load MODEL with a side memory attached.
+
+    The memory's layer comes from, in order: ``layer``/``module_path`` (the CLI), the
+    checkpoint (a patched model keeps its layer), then ``config_file``'s ``layer`` or
+    ``layer_fraction`` over the architecture's preset.  The config file is read here, not
+    only by the editor, because the memory is placed before any editing starts.
+    """
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -71,8 +79,11 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     if layer is None and module_path is None:
         # Per-architecture depth (config presets); locate_ffn_out names unsupported models.
         n = locate_ffn_out(model).n_layers
-        fraction = load_config(None, model.config.model_type).layer_fraction
-        layer = min(n - 1, round(fraction * n))
+        cfg = load_config(config_file, model.config.model_type)
+        if cfg.layer is not None and cfg.layer >= n:
+            raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} is out of range: "
+                              f"{model.config.model_type} has {n} layers (0..{n - 1})")
+        layer = cfg.layer if cfg.layer is not None else min(n - 1, round(cfg.layer_fraction * n))
     target = locate_ffn_out(model, layer=layer, module_path=module_path)
     mem = attach(model, target)
     if tensors is not None:
@@ -98,8 +109,9 @@ def _check_state(tensors: dict[str, torch.Tensor], target: FFNTarget, path: Path
 
 def session_config(sess: Session, config_file: str | None, overrides: dict[str, Any]) -> WiseConfig:
     """The run's hyper-parameters: the checkpoint's when continuing, else defaults + preset."""
-    if sess.manifest is None:
-        return load_config(config_file, sess.model.config.model_type, overrides)
+    if sess.manifest is None:  # the manifest records the layer the memory really sits at
+        cfg = load_config(config_file, sess.model.config.model_type, overrides)
+        return cfg.replace(layer=sess.target.layer)
     saved = from_dict(sess.manifest["config"], "wise.json")
     fixed = {"mode": saved.mode, "layer": sess.target.layer}
     for key, value in {**overrides}.items():
@@ -110,6 +122,9 @@ def session_config(sess: Session, config_file: str | None, overrides: dict[str, 
         else saved.replace(**overrides)
     if cfg.mode != saved.mode:
         raise ConfigError(f"config mode '{cfg.mode}' differs from the checkpoint's '{saved.mode}'")
+    if cfg.layer is not None and cfg.layer != sess.target.layer:
+        raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} differs from the checkpoint's "
+                          f"layer {sess.target.layer}", hint="a patched checkpoint keeps its layer")
     return cfg.replace(layer=sess.target.layer)
 
 

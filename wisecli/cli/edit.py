@@ -56,7 +56,8 @@ def edit(
         raise OutputExistsError(f"{output} already exists", hint="pass --force to replace it")
     t_start = time.perf_counter()
     sess = open_model(str(model), device=device, dtype=dtype, layer=layer, module_path=module_path,
-                      device_map=device_map, progress=lambda m: console.status(m, quiet))
+                      device_map=device_map, progress=lambda m: console.status(m, quiet),
+                      config_file=str(config) if config else None)
     cfg = session_config(sess, str(config) if config else None, {"mode": mode, "layer": layer, "seed": seed})
     sess.mem.hold = cfg.hold_routing
     console.status(f"loaded {sess.origin} ({sess.target.model_type}, {sess.device}, {str(sess.dtype).replace('torch.', '')}) "
