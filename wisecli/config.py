@@ -187,6 +187,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # locality it is back: ZsRE dev T=100 rel 0.839 -> 0.971, gen 0.728 -> 0.764, loc 1.000.
     # lr 2.0 with learned_nll (as lr 3 -> 5 helped smollm2) did not: ZsRE dev T=100 rel 0.988 ->
     # 0.997, gen 0.806 -> 0.793, loc 1.000 -> 0.995.
+    # Its depth was measured too (ZsRE dev T=100 rel / gen): layer 12 of 18 0.962 / 0.775,
+    # 14 (0.8 x 18) 0.988 / 0.786, 16 0.892 / 0.714.
     "gemma3_text": {"layer_fraction": 0.8, "learning_rate": 1.0},
     "gpt2": {"layer_fraction": 0.75},
     "gptj": {"layer_fraction": 0.75},
