@@ -23,10 +23,9 @@ from pathlib import Path
 
 from wisecli.checkpoint import write_checkpoint
 from wisecli.cli.edit import edit_manifest
-from wisecli.config import load_config
 from wisecli.edits import load_edits, load_prompts
 from wisecli.evaluate import evaluate
-from wisecli.session import open_model
+from wisecli.session import open_model, session_config
 from wisecli.wise.editor import WiseEditor
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -48,7 +47,7 @@ TRAIN = {
 def run_once(args: argparse.Namespace, t: int) -> dict:
     records = load_edits(DATASETS.get(args.dataset, Path(args.dataset)), offset=args.offset, limit=t)
     sess = open_model(args.model, device=args.device, dtype=args.dtype, config_file=args.config)
-    cfg = load_config(args.config, sess.target.model_type, {"mode": args.mode})
+    cfg = session_config(sess, args.config, {"mode": args.mode})
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     base_ppl = None
     if args.dataset == "hallucination":  # the unedited model's perplexity, printed beside

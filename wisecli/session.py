@@ -122,7 +122,9 @@ def session_config(sess: Session, config_file: str | None, overrides: dict[str, 
         else saved.replace(**overrides)
     if cfg.mode != saved.mode:
         raise ConfigError(f"config mode '{cfg.mode}' differs from the checkpoint's '{saved.mode}'")
-    if cfg.layer is not None and cfg.layer != sess.target.layer:
+    # only a layer the config file itself names (older manifests may record a layer the
+    # memory never sat at: a config's layer used to be ignored)
+    if config_file and cfg.layer not in (None, saved.layer, sess.target.layer):
         raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} differs from the checkpoint's "
                           f"layer {sess.target.layer}", hint="a patched checkpoint keeps its layer")
     return cfg.replace(layer=sess.target.layer)
