@@ -332,3 +332,15 @@ def test_replay_keeps_earlier_edits_output_in_merge_mode(model_dir):
         else:
             assert sess.mem.replay_factor.numel() == 0
     assert changes[100.0] < 0.5 * changes[0.0], changes
+
+
+def test_rewordings_are_extra_rows_of_each_edit(model_dir):
+    """n_rewordings adds that many training rows per edit, with the edit's answer."""
+    sess = open_model(model_dir, device="cpu")
+    rows = {}
+    for n in (0, 3):
+        cfg = WiseConfig(n_prefixes=2, n_rewordings=n)
+        _editor, batch, row_edit, _base, _mask = _shard_setup(sess, cfg)
+        rows[n] = int((row_edit == 0).sum())
+        assert (batch.labels[row_edit >= 0] != -100).any(-1).all()  # every edit row has its answer
+    assert rows == {0: 1 + len(PREFIXES), 3: 1 + len(PREFIXES) + 3}

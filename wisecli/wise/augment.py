@@ -117,6 +117,39 @@ def neighbours(prompt: str, subject: str | None, n: int, seed: int,
     return [prompt.replace(subj, pool[i], 1) for i in picks]
 
 
+def reworded(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
+    """``n`` copies of the prompt, each with one or two words left out (word dropout).
+
+    Prefixes vary what comes before a prompt, never its own wording, so the memory can
+    learn an edit through the exact template's tokens and miss the same question asked
+    another way.  With words of the template missing, the only thing every copy shares
+    is the subject (kept whole) and the final word (which the answer follows): the
+    update must work through them.  A prompt with nothing to drop is repeated as is.
+    """
+    words = prompt.split()
+    subj = subject_of(prompt, subject)
+    keep = {len(words) - 1}
+    if subj:
+        start = prompt.find(subj)
+        pos = 0
+        for i, w in enumerate(words):
+            pos = prompt.find(w, pos)
+            if pos < start + len(subj) and pos + len(w) > start:
+                keep.add(i)
+            pos += len(w)
+    free = [i for i in range(len(words)) if i not in keep]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if not free:
+            out.append(prompt)
+            continue
+        k = 1 if len(free) < 4 else 1 + int(torch.randint(2, (1,), generator=gen))
+        drop = {free[i] for i in torch.randperm(len(free), generator=gen)[:k].tolist()}
+        out.append(" ".join(w for i, w in enumerate(words) if i not in drop))
+    return out
+
+
 def embedding_ranker(model: nn.Module, tokenizer) -> Callable[[str, list[str]], list[int]]:
     """Rank candidate subjects by cosine similarity of their mean input embeddings."""
     table = model.get_input_embeddings().weight

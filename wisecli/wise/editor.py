@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
-from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, with_prefix
+from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded, with_prefix
 from .maths import (activation_score, common_basis, counted_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
@@ -135,9 +135,15 @@ class WiseEditor:
     def shard_batch(self, edits: list[EditRecord]) -> tuple[Batch, torch.Tensor]:
         """Each edit under every prefix (CE + margin), then the irrelevant prompts (margin)."""
         queries, answers, row_edit = [], [], []
+        prefixes = self.state.prefixes
         for i, e in enumerate(edits):
-            for p in [""] + self.state.prefixes:
-                queries.append(with_prefix(p, e.prompt))
+            seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
+            # Reworded copies go under the prefixes in turn, so no two rows are alike.
+            variants = [with_prefix(p, e.prompt) for p in [""] + prefixes] + [
+                with_prefix(prefixes[j % len(prefixes)] if prefixes else "", text)
+                for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings, seed))]
+            for text in variants:
+                queries.append(text)
                 answers.append(e.target_new)
                 row_edit.append(i)
         for e in edits:  # near misses: always in the step (row -2)
