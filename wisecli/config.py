@@ -60,6 +60,10 @@ class WiseConfig:
     # 0.991 -> 0.997, gen 0.856 -> 0.879, loc 1.000 both; ZsRE T=1000 merge (ten memories,
     # separate runs) avg 0.904 -> 0.930.  One memory: no difference.
     route_by: str = "coverage"
+    # Which prompt tokens become keys: "loudest" (largest ‖D a_t‖) or "distinct" (the loudest
+    # among tokens no near miss or irrelevant prompt matches at >= key_gate; see
+    # maths.distinct_tokens).
+    key_choice: str = "loudest"
     # A memory also needs one of its edits covered: the mean, over that edit's keys, of each
     # key's best cosine with a prompt token at least this (0, or key_gate 0: off).  One
     # shared template word passes the key gate; a prompt about the edit matches most of
@@ -148,6 +152,7 @@ class WiseConfig:
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.replay_weight >= 0, "replay_weight", "must be >= 0")
         _check(self.learned_nll > 0, "learned_nll", "must be > 0")
+        _check(self.key_choice in ("loudest", "distinct"), "key_choice", "must be 'loudest' or 'distinct'")
         _check(self.route_by in ("coverage", "closest"), "route_by", "must be 'coverage' or 'closest'")
         _check(self.score_pooling in ("max", "mean"), "score_pooling", "must be 'max' or 'mean'")
         _check(self.optimizer in ("sgd", "adam"), "optimizer", "must be 'sgd' or 'adam'")

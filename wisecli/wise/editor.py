@@ -19,7 +19,7 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded, with_prefix
-from .maths import (activation_score, common_basis, counted_tokens, loudest_tokens, merge_ties, min_edit_score,
+from .maths import (activation_score, common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
@@ -59,6 +59,7 @@ class WiseEditor:
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._reference: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -147,8 +148,7 @@ class WiseEditor:
                 answers.append(e.target_new)
                 row_edit.append(i)
         for e in edits:  # near misses: always in the step (row -2)
-            seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
-            for text in neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed, self._rank):
+            for text in self._near_misses(e):
                 queries.append(text)
                 answers.append(None)
                 row_edit.append(NEAR_MISS)
@@ -287,12 +287,35 @@ class WiseEditor:
         self.state.memory_edit_counts[k] += len(edits)
         return k
 
+    def _near_misses(self, e: EditRecord) -> list[str]:
+        seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
+        return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed, self._rank)
+
+    @torch.no_grad()
+    def _reference_tokens(self, edits: list[EditRecord]) -> torch.Tensor:
+        """(N, d_in) activations keys must not match: the irrelevant prompts' tokens (once per
+        editor) and these edits' near misses."""
+        def tokens(texts: list[str]) -> torch.Tensor:
+            if not texts:
+                return torch.zeros(0, self.mem.in_features, device=self.device)
+            batch, raw = self._layer_inputs(texts)
+            return raw[scored_tokens(batch.query_mask, raw[..., 0]) > 0].float()
+        key = tuple(self.state.negatives)
+        if self._reference is None or self._reference[0] != key:
+            self._reference = (key, tokens(list(key)))
+        near = tokens([t for e in edits for t in self._near_misses(e)])
+        return torch.cat([self._reference[1], near])
+
     @torch.no_grad()
     def _add_keys(self, edits: list[EditRecord], k: int, memory: torch.Tensor) -> None:
         """Keep the loudest prompt activations of each edit under ``memory`` as router keys."""
         mem = self.mem
         batch, raw = self._layer_inputs([e.prompt for e in edits])
-        acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
+        if self.cfg.key_choice == "distinct" and self.cfg.key_gate > 0:
+            acts, real = distinct_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit,
+                                         self._reference_tokens(edits), mem.basis, self.cfg.key_gate)
+        else:
+            acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
         first = int(mem.key_edit.max()) + 1 if mem.key_edit.numel() else 0
         owner = torch.arange(first, first + len(edits), device=self.device)[:, None].expand_as(real)
         mem.edit_keys = torch.cat([mem.edit_keys, acts[real].to(mem.edit_keys.dtype)])

@@ -185,6 +185,32 @@ def loudest_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Te
     return picked, top.values >= 0
 
 
+def distinct_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Tensor, k: int,
+                    reference: torch.Tensor, basis: torch.Tensor,
+                    cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``loudest_tokens``, but only among tokens no ``reference`` token matches.
+
+    A key is there to let the edit's own prompts through the key gate and keep others
+    out; a template word ("The chemical symbol for ...") whose activation some other
+    prompt matches at cosine >= ``cutoff`` (the gate) lets that prompt through too.
+    ``reference``: (N, d_in) activations of text that must stay out (the edits' near
+    misses, the irrelevant prompts).  A prompt with fewer than ``k`` distinct tokens keeps
+    fewer keys, and at least its least-matched token, so every edit stays reachable.
+    """
+    norms, m = token_scores(F.linear(acts.float(), delta), token_mask)
+    unit = F.normalize(project_out(acts.float(), basis), dim=-1)
+    ref = F.normalize(project_out(reference.float(), basis), dim=-1)
+    common = torch.stack([(row @ ref.T).amax(-1) for row in unit])  # (B, T), row by row: memory
+    common = common.masked_fill(m == 0, float("inf"))
+    distinct = common < cutoff
+    distinct |= (common == common.amin(-1, keepdim=True)) & (m > 0)
+    rank = norms.masked_fill(~distinct, -1.0)
+    k = min(k, acts.shape[1])
+    top = rank.topk(k, dim=-1)
+    picked = torch.gather(acts, 1, top.indices[..., None].expand(-1, -1, acts.shape[-1]))
+    return picked, top.values >= 0
+
+
 def min_edit_score(keys: torch.Tensor, key_edit: torch.Tensor, delta: torch.Tensor,
                    scale: torch.Tensor, pooling: str = "max") -> torch.Tensor:
     """The lowest router score among the edits whose keys these are, under memory ``delta``.
