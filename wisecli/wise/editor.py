@@ -138,11 +138,11 @@ class WiseEditor:
         queries, answers, row_edit = [], [], []
         prefixes = self.state.prefixes
         for i, e in enumerate(edits):
-            seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
             # Reworded copies go under the prefixes in turn, so no two rows are alike.
             variants = [with_prefix(p, e.prompt) for p in [""] + prefixes] + [
                 with_prefix(prefixes[j % len(prefixes)] if prefixes else "", text)
-                for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings, seed))]
+                for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings,
+                                                  self._edit_seed(e)))]
             for text in variants:
                 queries.append(text)
                 answers.append(e.target_new)
@@ -287,9 +287,12 @@ class WiseEditor:
         self.state.memory_edit_counts[k] += len(edits)
         return k
 
+    def _edit_seed(self, e: EditRecord) -> int:
+        """A seed per edit from its prompt: the same rows whichever batch it arrives in."""
+        return self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
+
     def _near_misses(self, e: EditRecord) -> list[str]:
-        seed = self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
-        return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, seed, self._rank)
+        return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, self._edit_seed(e), self._rank)
 
     @torch.no_grad()
     def _reference_tokens(self, edits: list[EditRecord]) -> torch.Tensor:
@@ -308,7 +311,8 @@ class WiseEditor:
 
     @torch.no_grad()
     def _add_keys(self, edits: list[EditRecord], k: int, memory: torch.Tensor) -> None:
-        """Keep the loudest prompt activations of each edit under ``memory`` as router keys."""
+        """Keep each edit's loudest prompt activations under ``memory`` as router keys (with
+        ``key_choice: distinct``, the loudest of those no near miss or irrelevant prompt matches)."""
         mem = self.mem
         batch, raw = self._layer_inputs([e.prompt for e in edits])
         if self.cfg.key_choice == "distinct" and self.cfg.key_gate > 0:
