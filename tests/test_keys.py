@@ -1,13 +1,12 @@
 """Which prompt tokens become router keys (maths.loudest_tokens / distinct_tokens)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from wisecli.config import WiseConfig
 from wisecli.errors import ConfigError
 from wisecli.wise.maths import distinct_tokens, loudest_tokens
-
-import pytest
 
 
 def _prompt() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -178,9 +178,12 @@ def loudest_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Te
     a (B, k) bool telling real tokens from filler where a prompt has fewer than ``k``.
     """
     norms, m = token_scores(F.linear(acts.float(), delta), token_mask)
-    norms = norms.masked_fill(m == 0, -1.0)
-    k = min(k, acts.shape[1])
-    top = norms.topk(k, dim=-1)
+    return _top_tokens(acts, norms.masked_fill(m == 0, -1.0), k)
+
+
+def _top_tokens(acts: torch.Tensor, rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` highest-ranked tokens (B, k, d_in), and which are real (rank >= 0)."""
+    top = rank.topk(min(k, acts.shape[1]), dim=-1)
     picked = torch.gather(acts, 1, top.indices[..., None].expand(-1, -1, acts.shape[-1]))
     return picked, top.values >= 0
 
@@ -204,11 +207,7 @@ def distinct_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.T
     common = common.masked_fill(m == 0, float("inf"))
     distinct = common < cutoff
     distinct |= (common == common.amin(-1, keepdim=True)) & (m > 0)
-    rank = norms.masked_fill(~distinct, -1.0)
-    k = min(k, acts.shape[1])
-    top = rank.topk(k, dim=-1)
-    picked = torch.gather(acts, 1, top.indices[..., None].expand(-1, -1, acts.shape[-1]))
-    return picked, top.values >= 0
+    return _top_tokens(acts, norms.masked_fill(~distinct, -1.0), k)
 
 
 def min_edit_score(keys: torch.Tensor, key_edit: torch.Tensor, delta: torch.Tensor,
