@@ -164,4 +164,10 @@ def test_self_written_rewrites_on_smollm2() -> None:
         _batch, row_edit = editor.shard_batch([edit])
         rows[n] = int((row_edit == 0).sum())
         written = editor.paraphrases(edit)
-    assert written and rows[4] == rows[0] + len(written)
+    assert rows[4] == rows[0] + 4 and len(written) == 4
+    assert all(t == prompt or faithful(t, prompt, subject) for t in written)
+    # A prompt with no faithful rewrite (no subject to keep) repeats itself: same row count.
+    bare = EditRecord(id="1", prompt="what is it?", target_new="x")
+    assert editor.paraphrases(bare) == ["what is it?"] * 4
+    _batch, row_edit = editor.shard_batch([edit, bare])
+    assert int((row_edit == 0).sum()) == int((row_edit == 1).sum()) == rows[4]

@@ -294,13 +294,18 @@ class WiseEditor:
         return self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
 
     def paraphrases(self, e: EditRecord) -> list[str]:
-        """The edit's self-written rewrites (``n_paraphrases``), sampled once per editor."""
-        if self.cfg.n_paraphrases == 0:
+        """Exactly ``n_paraphrases`` self-written rewrites of the edit, sampled once per editor.
+
+        Every edit needs the same number of rows (the trainer lays them out edit by row), so
+        fewer faithful rewrites are repeated in turn, and none at all gives the prompt itself,
+        as ``reworded`` does for a prompt with nothing to drop."""
+        n = self.cfg.n_paraphrases
+        if n == 0:
             return []
         if e.prompt not in self._paraphrases:
-            self._paraphrases[e.prompt] = self._paraphraser(e.prompt, e.subject, self.cfg.n_paraphrases,
-                                                            self._edit_seed(e))
-        return self._paraphrases[e.prompt]
+            self._paraphrases[e.prompt] = self._paraphraser(e.prompt, e.subject, n, self._edit_seed(e))
+        kept = self._paraphrases[e.prompt] or [e.prompt]
+        return [kept[i % len(kept)] for i in range(n)]
 
     def _near_misses(self, e: EditRecord) -> list[str]:
         return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, self._edit_seed(e), self._rank)
