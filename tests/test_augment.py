@@ -1,7 +1,7 @@
-"""Text augmentation with no model: near-miss subjects, reworded prompts, rewrite filtering."""
+"""Text augmentation with no model: near-miss subjects and reworded prompts."""
 from __future__ import annotations
 
-from wisecli.wise.augment import faithful, neighbours, reworded, subject_of
+from wisecli.wise.augment import neighbours, reworded, subject_of
 
 PROMPT = "What is the country of origin of Big Bad Wolf?"
 
@@ -34,18 +34,3 @@ def test_neighbours_replace_the_subject():
     assert subject_of(PROMPT, None) == "Big Bad Wolf"
     out = neighbours(PROMPT, None, 3, seed=0)
     assert len(out) == 3 and all("Big Bad Wolf" not in t and t.startswith("What is the country") for t in out)
-
-
-def test_faithful_keeps_a_reordered_question():
-    assert faithful("Volvo B12M was made by which company?", "What company made Volvo B12M?", "Volvo B12M")
-    assert faithful("Kestria's official language is", "The official language of Kestria is", "Kestria")
-
-
-def test_faithful_rejects_what_would_teach_the_answer_elsewhere():
-    prompt, subj = "What is the vocal range for Lola Beeth?", "Lola Beeth"
-    assert not faithful("Who is Lola Beeth?", prompt, subj)                        # another relation
-    assert not faithful("What is the vocal range for Lola?", prompt, subj)         # subject cut
-    assert not faithful("What is the vocal range of Lola Beeth in Vienna?", prompt, subj)  # a new name
-    assert not faithful("what is the vocal range for Lola Beeth", prompt, subj)    # same wording
-    assert not faithful("Lola Beeth has a vocal range.", prompt, subj)              # not a question
-    assert not faithful("Kestria's language is?", "The official language of Kestria is", "Kestria")

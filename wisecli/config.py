@@ -109,10 +109,6 @@ class WiseConfig:
     # augment.reworded), drawn among the prefixed copies in each step.  0: none (gemma3's
     # preset: 4).
     n_rewordings: int = 0
-    # Rewrites of each edit's prompt that the unedited model samples itself (augment.Paraphraser),
-    # kept only when they keep the subject and the relation's words; drawn among the prefixed
-    # copies like the rewordings.  0: none.
-    n_paraphrases: int = 0
     # Rows per edit in one step: the bare prompt plus this many minus one prefixed
     # copies, drawn afresh each step.  Every copy is seen over the run, at a
     # fraction of the cost of all of them in every step.
@@ -147,7 +143,7 @@ class WiseConfig:
         for name in ("edits_per_shard", "shards_per_merge", "max_steps", "check_every", "n_negatives",
                      "variants_per_step", "tokens_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("min_steps", "n_prefixes", "n_rewordings", "n_paraphrases", "negatives_per_step", "n_neighbours", "null_space_rank",
+        for name in ("min_steps", "n_prefixes", "n_rewordings", "negatives_per_step", "n_neighbours", "null_space_rank",
                      "keys_per_edit", "replay_rank", "edits_per_memory"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")

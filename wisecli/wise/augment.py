@@ -1,15 +1,13 @@
-"""Text the model writes for itself: random prefixes, irrelevant prompts and rewrites.
+"""Text the model writes for itself: random prefixes and irrelevant prompts.
 
 Both are generated once per model (seeded) and stored in the manifest, so a
 user needs no data beyond the edits and a later run reuses exactly the same.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import re
 from importlib import resources
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -150,138 +148,6 @@ def reworded(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
         drop = {free[i] for i in torch.randperm(len(free), generator=gen)[:k].tolist()}
         out.append(" ".join(w for i, w in enumerate(words) if i not in drop))
     return out
-
-
-# Rewrites the model continues (augment.paraphrased).  Invented subjects, so no dataset's
-# facts leak into an edit; questions and statements, as edits come in both forms.
-PARAPHRASE_SHOTS = (
-    ("In which city was Tomas Velarde born?", "What city was Tomas Velarde born in?"),
-    ("Which company manufactures the Orvel X9?", "The Orvel X9 is made by which company?"),
-    ("The official language of Kestria is", "Kestria's official language is"),
-    ("What country is Lake Mirren located in?", "Lake Mirren is in which country?"),
-    ("Who directed the film Silent Harbour?", "Silent Harbour was directed by whom?"),
-    ("The Grand Lune Hotel was designed by", "The architect of the Grand Lune Hotel is"),
-)
-_STOP = {"a", "an", "the", "of", "in", "on", "at", "to", "for", "by", "from", "with", "and", "or",
-         "is", "are", "was", "were", "be", "been", "did", "does", "do", "has", "have", "had",
-         "what", "which", "who", "whom", "whose", "where", "when", "how", "that", "this", "it",
-         "its", "as", "into", "name", "s"}
-_WORD = re.compile(r"[^\W_]+")
-
-
-def _stems(text: str) -> set[str]:
-    """Content words cut to five letters: "manufacturer" and "manufactured" count as one."""
-    return {w[:5] for w in (m.group(0).casefold() for m in _WORD.finditer(text)) if w not in _STOP}
-
-
-def faithful(candidate: str, prompt: str, subject: str) -> bool:
-    """Whether a sampled rewrite can stand in for the prompt as a training row.
-
-    A small model's rewrites often ask something else about the subject ("Who is the
-    Volvo B12M?"), and training the edit's answer on those would teach it for other
-    relations.  Kept: the subject verbatim, at least half the relation's content words,
-    no name the prompt lacks, the same form (question or statement), a new wording.
-    """
-    if subject not in candidate or not candidate.strip(" ?.").strip():
-        return False
-    if candidate.casefold().strip(" ?.") == prompt.casefold().strip(" ?."):
-        return False
-    if prompt.rstrip().endswith("?") != candidate.endswith("?") or candidate.endswith((".", "!")):
-        return False
-    if len(candidate.split()) > 2 * len(prompt.split()) + 2:
-        return False
-    known = {w.strip("'’\"(),") for w in prompt.split()}
-    rest = candidate.replace(subject, " ").split()
-    if any(w[:1].isupper() and w.strip("'’\"(),?") not in known for w in rest[1:]):
-        return False
-    relation = _stems(prompt.replace(subject, " "))
-    return len(relation & _stems(candidate.replace(subject, " "))) * 2 >= len(relation)
-
-
-class Paraphraser:
-    """Rewrites of edit prompts that the unedited model writes itself.
-
-    Word dropout (``reworded``) only removes words; ZsRE's and users' rephrasings reorder
-    them ("What company made X?" / "X's manufacturer was who?"), which moves the subject's
-    context and so its activations.  The model continues a few-shot list of rewrites
-    (``PARAPHRASE_SHOTS``); each sample must pass ``faithful``.  The few-shot text is the
-    same for every edit, so it runs once and each edit costs only its own line and the
-    sampled tokens (with ``generate`` the shots were 90 % of the time on gemma3's CPU run).
-    """
-
-    INSTRUCTION = "Rewrite each line in other words, keeping every name.\n"
-
-    def __init__(self, model: nn.Module, tokenizer, mem: SideMemoryLayer) -> None:
-        self.model, self.tok, self.mem = model, tokenizer, mem
-        self._shots: tuple[torch.Tensor, Any] | None = None
-
-    @torch.no_grad()
-    def _context(self) -> Any:
-        if self._shots is None:
-            ids = self.tok(self.full_text(None), return_tensors="pt")["input_ids"].to(_device(self.model))
-            with main_memory_only(self.mem):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._shots = (ids, getattr(out, _cache_name(self.model)))
-        return copy.deepcopy(self._shots[1])
-
-    @torch.no_grad()
-    def line_logits(self, prompt: str) -> tuple[torch.Tensor, Any]:
-        """(1, vocab) next-token logits after the shots and the prompt's line, and the KV cache."""
-        line = self.tok(f"Line: {prompt}\nRewritten:", add_special_tokens=False, return_tensors="pt")
-        with main_memory_only(self.mem):
-            cache = self._context()
-            out = self.model(input_ids=line["input_ids"].to(_device(self.model)), use_cache=True,
-                             logits_to_keep=1, **{_cache_name(self.model): cache})
-        return out.logits[:, -1].float(), cache
-
-    def full_text(self, prompt: str | None) -> str:
-        """The text ``line_logits`` continues, in one piece (None: the shots alone)."""
-        shots = self.INSTRUCTION + "".join(f"Line: {a}\nRewritten: {b}\n" for a, b in PARAPHRASE_SHOTS)
-        return shots if prompt is None else shots + f"Line: {prompt}\nRewritten:"
-
-    @torch.no_grad()
-    def __call__(self, prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
-        """Up to ``n`` faithful rewrites; two samples are drawn per rewrite wanted."""
-        subj = subject_of(prompt, subject)
-        if n == 0 or not subj:
-            return []
-        device = _device(self.model)
-        steps = 2 * len(self.tok(prompt, add_special_tokens=False)["input_ids"]) + 4
-        samples = 2 * n
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with main_memory_only(self.mem):
-            logits, cache = self.line_logits(prompt)
-            cache.batch_repeat_interleave(samples)
-            logits = logits.expand(samples, -1)
-            tokens: list[torch.Tensor] = []
-            done = torch.zeros(samples, dtype=torch.bool, device=device)
-            for _ in range(steps):
-                top = (logits / 0.8).topk(20, dim=-1)
-                pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
-                nxt = top.indices.gather(-1, pick)  # (samples, 1)
-                tokens.append(nxt)
-                done |= torch.tensor(["\n" in self.tok.decode(t) for t in nxt.flatten().tolist()], device=device)
-                done |= nxt.flatten() == (self.tok.eos_token_id if self.tok.eos_token_id is not None else -1)
-                if bool(done.all()):
-                    break
-                logits = self.model(input_ids=nxt, use_cache=True, logits_to_keep=1,
-                                    **{_cache_name(self.model): cache}).logits[:, -1].float()
-        kept: list[str] = []
-        for row in torch.cat(tokens, dim=1).tolist():
-            text = self.tok.decode(row, skip_special_tokens=True)
-            cand = " ".join(text.split("\n")[0].split()).strip("\"")
-            if cand not in kept and faithful(cand, prompt, subj):
-                kept.append(cand)
-        return kept[:n]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _cache_name(model: nn.Module) -> str:
-    """transformers 5 calls the KV cache ``cache`` (argument and output); 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def embedding_ranker(model: nn.Module, tokenizer) -> Callable[[str, list[str]], list[int]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
-from .augment import Paraphraser, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded, with_prefix
+from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded, with_prefix
 from .maths import (activation_score, common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
@@ -60,8 +60,6 @@ class WiseEditor:
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._reference: tuple[tuple[str, ...], torch.Tensor] | None = None
-        self._paraphraser = Paraphraser(model, tokenizer, mem)
-        self._paraphrases: dict[str, list[str]] = {}
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -144,7 +142,7 @@ class WiseEditor:
             variants = [with_prefix(p, e.prompt) for p in [""] + prefixes] + [
                 with_prefix(prefixes[j % len(prefixes)] if prefixes else "", text)
                 for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings,
-                                                  self._edit_seed(e)) + self.paraphrases(e))]
+                                                  self._edit_seed(e)))]
             for text in variants:
                 queries.append(text)
                 answers.append(e.target_new)
@@ -292,20 +290,6 @@ class WiseEditor:
     def _edit_seed(self, e: EditRecord) -> int:
         """A seed per edit from its prompt: the same rows whichever batch it arrives in."""
         return self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
-
-    def paraphrases(self, e: EditRecord) -> list[str]:
-        """Exactly ``n_paraphrases`` self-written rewrites of the edit, sampled once per editor.
-
-        Every edit needs the same number of rows (the trainer lays them out edit by row), so
-        fewer faithful rewrites are repeated in turn, and none at all gives the prompt itself,
-        as ``reworded`` does for a prompt with nothing to drop."""
-        n = self.cfg.n_paraphrases
-        if n == 0:
-            return []
-        if e.prompt not in self._paraphrases:
-            self._paraphrases[e.prompt] = self._paraphraser(e.prompt, e.subject, n, self._edit_seed(e))
-        kept = self._paraphrases[e.prompt] or [e.prompt]
-        return [kept[i % len(kept)] for i in range(n)]
 
     def _near_misses(self, e: EditRecord) -> list[str]:
         return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, self._edit_seed(e), self._rank)
