@@ -68,6 +68,16 @@ def test_greedy_generation_gives_new_targets(batches: dict[str, Path]) -> None:
         assert g["memory"] != "main"
 
 
+def test_same_template_about_another_subject_stays_unedited(batches: dict[str, Path]) -> None:
+    """Each prompt shares an edit's template, not its subject (edits: Australia's capital,
+    Hamlet's author, Brazil's language, the Mona Lisa's painter, gold's symbol, Tokyo)."""
+    prompts = ["The capital of Canada is", "The play Macbeth was written by",
+               "The official language of Mexico is", "The Starry Night was painted by",
+               "The chemical symbol for iron is", "Paris is the capital of"]
+    out = wise("generate", str(batches["patched_a"]), *prompts, "--max-new-tokens", "4")
+    assert [g["memory"] for g in out["generations"]] == ["main"] * len(prompts), out
+
+
 def test_lifelong_second_batch_keeps_the_first(batches: dict[str, Path]) -> None:
     both_a = wise("eval", str(batches["patched_b"]), str(batches["a"]))
     both_b = wise("eval", str(batches["patched_b"]), str(batches["b"]))

@@ -111,3 +111,41 @@ def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
         assert torch.equal(sess.mem.last_route, plain)  # and used for the last generated token
     else:
         assert len(calls) == new_tokens             # the control: every step re-decides
+
+
+# ---- the subject gate ------------------------------------------------------------------------
+
+
+def test_subject_gate_opens_a_memory_only_for_prompts_naming_its_subject(model_dir):
+    """Every prompt clears the threshold here; the subject gate alone tells them apart, per
+    row of a padded batch, and an edit without a subject leaves the decision to the keys."""
+    sess = open_model(str(model_dir), device="cpu")
+    texts = ["the capital of france is", "the capital of spain is", "who plays music in the big city"]
+    _hand_set_memory(sess, texts[0], texts[2])
+    mem = sess.mem
+    mem.thresholds = torch.zeros(1)
+    mem.edit_subjects = [(0, "France")]
+    for gate, want in ((False, [0, 0, 0]), (True, [0, NO_MEMORY, NO_MEMORY])):
+        mem.subject_gate = gate
+        _logits(sess.model, sess.tokenizer, texts)
+        assert mem.last_route.tolist() == want, gate
+    mem.edit_subjects = [(0, None)]  # no subject: the key gate decides (off here: all pass)
+    _logits(sess.model, sess.tokenizer, texts)
+    assert mem.last_route.tolist() == [0, 0, 0]
+
+
+def test_subject_gate_holds_while_generating(model_dir):
+    sess = open_model(str(model_dir), device="cpu")
+    texts = ["the capital of france is", "the capital of spain is"]
+    _hand_set_memory(sess, texts[0], texts[1])
+    mem = sess.mem
+    mem.thresholds, mem.subject_gate, mem.edit_subjects = torch.zeros(1), True, [(0, "france")]
+    tok = sess.tokenizer
+    enc = tok(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    for hold in (True, False):
+        mem.hold = hold
+        with torch.no_grad():
+            sess.model.generate(**enc, do_sample=False, max_new_tokens=3, min_new_tokens=3,
+                                pad_token_id=tok.pad_token_id)
+        # the last step saw one new token, which names nothing: the prompt's answer stands
+        assert mem.last_route.tolist() == [0, NO_MEMORY], hold

@@ -242,6 +242,9 @@ def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
         (editor.state.prefixes, editor.state.negatives, editor.state.shards_trained)
     assert session_config(again, None, {}) == cfg.replace(layer=sess.target.layer)
     assert [e["id"] for e in again.manifest["edits"]] == [r.id for r in RECORDS]
+    # the subject gate's half: each edit's subject and memory, from the manifest
+    assert again.mem.subject_gate == cfg.subject_gate
+    assert again.mem.edit_subjects == sess.mem.edit_subjects == [(0, None)] * len(RECORDS)
 
 
 # ---- retrieve mode -------------------------------------------------------------------

@@ -13,6 +13,8 @@ someone else cannot run code, and old checkpoints keep loading on newer PyTorch.
                                    key gate), the edit and the memory each belongs to
   replay_factor (d_in, r) f32, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
 The last five are optional on load (checkpoints written before them still open).
+``wise.json`` lists every edit with the memory that holds it and its subject (text, so
+not a tensor): the subject gate reads them when the checkpoint is opened.
 
 Invariant: nothing half-written is ever visible at the output path.  A write is
 built in a temporary sibling directory and renamed into place only when complete.

@@ -73,6 +73,11 @@ class WiseConfig:
     # T=100 loc 0.903 -> 0.965, rel 0.995 both; ZsRE dev T=100 unchanged (0.7 costs gen
     # 0.011).  See DESIGN.md "Key gate".
     coverage_gate: float = 0.6
+    # Subject gate: a memory opens for a prompt that names one of its edits' subjects (the
+    # edit's ``subject``, else the longest proper-noun span of its prompt; wise/subjects.py),
+    # and the score threshold then decides.  It takes the key and coverage gates' place for
+    # edits with a subject; keys still rank the open memories.  See DESIGN.md, "Subject gate".
+    subject_gate: bool = True
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
     margin_gap: float = 0.3           # gamma: edit minus irrelevant score

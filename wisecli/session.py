@@ -86,6 +86,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         layer = cfg.layer if cfg.layer is not None else min(n - 1, round(cfg.layer_fraction * n))
     target = locate_ffn_out(model, layer=layer, module_path=module_path)
     mem = attach(model, target)
+    mem.detokenize = lambda ids: tok.decode(ids, skip_special_tokens=True)
     if tensors is not None:
         _check_state(tensors, target, Path(spec))
         mem.load_wise_state(tensors)
@@ -94,6 +95,10 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         mem.key_gate = float(manifest["config"].get("key_gate", 0.0))
         mem.route_by = manifest["config"].get("route_by", "closest")  # older checkpoints
         mem.coverage_gate = float(manifest["config"].get("coverage_gate", 0.0))
+        # Checkpoints written before the subject gate keep routing by keys alone.
+        mem.subject_gate = bool(manifest["config"].get("subject_gate", False))
+        mem.edit_subjects = [(int(e["memory"]), e.get("subject")) for e in manifest.get("edits", [])
+                             if e.get("memory") is not None]
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
                    time.perf_counter() - t0)

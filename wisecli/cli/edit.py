@@ -106,7 +106,8 @@ def edit_manifest(sess, cfg, editor, records, placed, report, edits_path: Path, 
     by_id = {p["id"]: p for p in placed}
     applied = list(prior.get("edits", [])) + [
         {"id": r.id, "prompt": r.prompt, "target_new": r.target_new, "run": run,
-         "shard": by_id[r.id]["shard"], "memory": by_id[r.id].get("memory"), "time": now}
+         "shard": by_id[r.id]["shard"], "memory": by_id[r.id].get("memory"),
+         "subject": by_id[r.id].get("subject"), "time": now}
         for r in records]
     mem = sess.mem
     return {

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
-from .augment import embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded, with_prefix
+from .augment import (embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
+                      subject_of, with_prefix)
 from .maths import (activation_score, common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer, main_memory_only
@@ -56,6 +57,7 @@ class WiseEditor:
         self._rank = embedding_ranker(model, tokenizer)
         mem.pooling, mem.hold, mem.key_gate = cfg.score_pooling, cfg.hold_routing, cfg.key_gate
         mem.route_by, mem.coverage_gate = cfg.route_by, cfg.coverage_gate
+        mem.subject_gate = cfg.subject_gate
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
@@ -230,9 +232,11 @@ class WiseEditor:
                               "shard": index, "shard_size": len(shard), "shard_done": True})
                 for e in shard:
                     placed.append({"id": e.id, "shard": index, "steps": res.steps})
-            k = self._merge(results, start, [e for s in group for e in s], fold)
-            for p in placed[len(placed) - sum(len(s) for s in group):]:
-                p["memory"] = k
+            group_edits = [e for s in group for e in s]
+            k = self._merge(results, start, group_edits, fold)
+            for p, e in zip(placed[len(placed) - len(group_edits):], group_edits):
+                p["memory"], p["subject"] = k, subject_of(e.prompt, e.subject)
+                self.mem.edit_subjects.append((k, p["subject"]))
         return placed
 
     def _replay(self) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ tensors, no pickle.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .maths import (NO_MEMORY, activation_score, choose_memory, edit_index, key_match, moment_factor,
                     pool_scores, project_out, token_scores)
+from .subjects import prompt_texts, subject_open
 
 
 class SideMemoryLayer(nn.Module):
@@ -70,6 +71,15 @@ class SideMemoryLayer(nn.Module):
         # Mean cosine a prompt must reach over one edit's keys as well (WiseConfig.coverage_gate;
         # 0: the key gate alone decides).
         self.coverage_gate = 0.0
+        # WiseConfig.subject_gate: a memory opens for a prompt that names one of its edits'
+        # subjects (see subjects.py).  edit_subjects: (memory, subject or None) per edit, in
+        # the manifest (text, so not a buffer); detokenize: the tokenizer's decode, set when
+        # the model is opened; input_ids: the model's input, handed over by ``install``.
+        self.subject_gate = False
+        self.edit_subjects: list[tuple[int, str | None]] = []
+        self.detokenize: Callable[[list[int]], str] | None = None
+        self.input_ids: torch.Tensor | None = None
+        self._named: torch.Tensor | None = None
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self.last_key_sims: torch.Tensor | None = None
@@ -132,6 +142,23 @@ class SideMemoryLayer(nn.Module):
             return None
         return m[:, -t:] if m.shape[1] >= t else None
 
+    def _subjects_named(self, batch: int, mask: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``subjects.subject_open`` for this call's prompts, on the layer's device; None when
+        the subject gate is off or the prompt's tokens are not known (the key gate decides)."""
+        if not self.subject_gate or not self.edit_subjects or self.detokenize is None:
+            return None
+        ids = self.input_ids
+        if self.decoding and self._named is not None and self._named[0].shape[1] == batch:
+            return self._named  # one new token names nothing: keep the prompt's answer
+        if ids is None or ids.shape[0] != batch:
+            return None
+        texts = prompt_texts(ids, mask, self.detokenize)
+        named, keyed = subject_open(texts, self.edit_subjects, self.n_memories)
+        dev = self.memories.device
+        self._named = (named.to(dev), keyed.to(dev))
+        return self._named
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # a: (B, T, d_in)
         out = self.base_layer(a)  # (B, T, d_out)
         if self.train_delta is not None:
@@ -168,6 +195,11 @@ class SideMemoryLayer(nn.Module):
                 open_ = sims >= self.key_gate
                 if self.coverage_gate > 0:
                     open_ = open_ & (cover >= self.coverage_gate)
+            named = self._subjects_named(a.shape[0], mask)
+            if named is not None:  # the subject gate, the key gate only for edits without a subject
+                named_k, keyed = named
+                key_open = open_ if open_ is not None else torch.ones_like(named_k)
+                open_ = named_k | (keyed[:, None] & key_open)
             candidates: list[int] = list(range(self.n_memories))
             if many and open_ is not None:  # a memory the gate shuts for every prompt scores 0 anyway
                 candidates = open_.any(dim=1).nonzero().flatten().tolist()
@@ -213,6 +245,8 @@ def install(model: nn.Module, layer: SideMemoryLayer) -> None:
     """
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         layer.decoding = _is_decode_step(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        layer.input_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
         if getattr(layer, "_explicit_mask", False):
             return
         mask = kwargs.get("attention_mask")

@@ -1,0 +1,31 @@
+"""The subject gate's text side: which memories a prompt names a subject of."""
+from __future__ import annotations
+
+import torch
+
+from wisecli.wise.subjects import prompt_texts, subject_open
+
+
+def test_a_subject_is_named_as_a_whole_word_in_any_case():
+    texts = ["Australia's capital city is", "the capital of AUSTRALIA is", "Austria is in", "pineapple pie"]
+    named, keyed = subject_open(texts, [(0, "Australia"), (1, "apple")], 2)
+    assert named.tolist() == [[True, True, False, False], [False, False, False, False]]
+    assert keyed.tolist() == [False, False]
+
+
+def test_a_memory_holding_an_edit_without_subject_is_left_to_the_keys():
+    named, keyed = subject_open(["The capital of Peru is"], [(0, "Peru"), (1, None), (1, "  ")], 3)
+    assert named[:, 0].tolist() == [True, False, False]
+    assert keyed.tolist() == [False, True, False]
+
+
+def test_spacing_inside_a_subject_does_not_matter():
+    named, _ = subject_open(["Where is  Mount   Everest?"], [(0, "Mount Everest")], 1)
+    assert named.tolist() == [[True]]
+
+
+def test_prompt_texts_read_only_the_masked_tokens():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])  # padding, then an answer token left out
+    texts = prompt_texts(ids, mask, lambda row: " ".join(map(str, row)))
+    assert texts == ["5 6", "7 8 9"]
