@@ -47,6 +47,8 @@ bench-quality: setup
 	# final-test slices: reported, never tuned on
 	$(QUALITY) --dataset zsre --T 100 --offset 500
 	$(QUALITY) --dataset knowedit-zsre --T 100
+	$(QUALITY) --dataset zsre --T 100 --offset 500 --model gemma3-270m
+	$(QUALITY) --dataset knowedit-zsre --T 100 --model gemma3-270m
 
 clean:
 	rm -rf demo-out .pytest_cache

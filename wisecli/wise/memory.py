@@ -79,7 +79,7 @@ class SideMemoryLayer(nn.Module):
         self.edit_subjects: list[tuple[int, str | None]] = []
         self.detokenize: Callable[[list[int]], str] | None = None
         self.input_ids: torch.Tensor | None = None
-        self._named: torch.Tensor | None = None
+        self._named: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt's, kept while decoding
         self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self.last_key_sims: torch.Tensor | None = None
