@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from wisecli.config import WiseConfig
 from wisecli.batching import encode_pairs
+from wisecli.config import WiseConfig
 from wisecli.session import open_model
-from wisecli.wise.memory import SideMemoryLayer
+from wisecli.wise import router
+from wisecli.wise.router import RouterConfig
 
 ROUTED = [f"The capital city of country number {i} is" for i in range(8)]
 OTHER = ["Tell me about the history of Rome.", "What is the boiling point of water?", "Who wrote Hamlet?",
@@ -42,20 +43,20 @@ def main() -> None:
     dev = mem.memories.device
     k = max(args.memories, len(ROUTED))
     gen = torch.Generator().manual_seed(0)
-    mem.memories = (torch.randn(k, mem.out_features, mem.in_features, generator=gen) * 1e-4).to(dev)
-    mem.thresholds, mem.min_edit_scores = torch.zeros(k, device=dev), torch.zeros(k, device=dev)
     seen: list[torch.Tensor] = []
     handle = mem.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
     batch = encode_pairs(tok, ROUTED, [None] * len(ROUTED)).to(dev)
-    mem.enabled = False
-    with torch.no_grad():
+    with torch.no_grad(), mem.main_only():
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     handle.remove()
     keys = torch.cat([seen[0][:, -1].float().cpu(), torch.randn(4 * k - len(ROUTED), mem.in_features, generator=gen)])
-    mem.edit_keys = keys.half().to(dev)
-    mem.key_edit = torch.arange(4 * k).to(dev)  # one key per edit: coverage is the key's own cosine
-    mem.key_memory = torch.cat([torch.arange(len(ROUTED)), torch.arange(len(ROUTED), 4 * k) % k]).to(dev)
-    mem.key_gate, mem.route_by = WiseConfig().key_gate, WiseConfig().route_by  # the defaults' path
+    state = {**mem.wise_state(),
+             "memories": torch.randn(k, mem.out_features, mem.in_features, generator=gen) * 1e-4,
+             "thresholds": torch.zeros(k), "min_edit_scores": torch.zeros(k), "edit_keys": keys,
+             "key_edit": torch.arange(4 * k),  # one key per edit: coverage is the key's own cosine
+             "key_memory": torch.cat([torch.arange(len(ROUTED)), torch.arange(len(ROUTED), 4 * k) % k])}
+    mem.load_wise_state(state)
+    mem.configure(RouterConfig.from_config(WiseConfig()))  # the defaults' path
     tok.padding_side = "left"
     enc = tok(ROUTED + OTHER, return_tensors="pt", padding=True).to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -73,13 +74,12 @@ def main() -> None:
             best = min(best, time.perf_counter() - t)
         return best, out
 
-    mem.enabled = False
-    base, _ = timed()
-    mem.enabled = True
-    default = SideMemoryLayer.SELECTIVE_FROM
-    SideMemoryLayer.SELECTIVE_FROM = 10 ** 9
+    with mem.main_only():
+        base, _ = timed()
+    default = router.SELECTIVE_FROM
+    router.SELECTIVE_FROM = 10 ** 9  # compute every memory on every token
     every, out_every = timed()
-    SideMemoryLayer.SELECTIVE_FROM = default
+    router.SELECTIVE_FROM = default
     routable, out_routable = timed()
     routes = mem.last_route.tolist()
     res = {"memories": k, "prompts": len(ROUTED + OTHER), "new_tokens": args.new_tokens,

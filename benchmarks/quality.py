@@ -19,14 +19,13 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from wisecli.checkpoint import write_checkpoint
-from wisecli.cli.edit import edit_manifest
-from wisecli.edits import load_edits, load_prompts
+from wisecli.edits import load_edits
 from wisecli.evaluate import evaluate
-from wisecli.session import open_model, session_config
-from wisecli.wise.editor import WiseEditor
+from wisecli.pipeline import EditOptions, Silent, edit
+from wisecli.session import open_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {
@@ -44,39 +43,41 @@ TRAIN = {
 }
 
 
+class _Stderr(Silent):
+    """A line every 100 edits: a T=1000 run is hours on a CPU."""
+
+    def __init__(self, t: int) -> None:
+        self.t, self.t0, self.printed = t, time.perf_counter(), 0
+
+    @contextmanager
+    def phase(self, name: str, total: int):
+        def tick(done: int, note: str = "") -> None:
+            if name == "editing" and done != self.printed and (done % 100 == 0 or done == total):
+                self.printed = done
+                rate = (time.perf_counter() - self.t0) / done
+                print(f"  T={self.t}: {done} edits applied, {rate:.2f} s/edit", file=sys.stderr, flush=True)
+        yield tick
+
+
 def run_once(args: argparse.Namespace, t: int) -> dict:
     records = load_edits(DATASETS.get(args.dataset, Path(args.dataset)), offset=args.offset, limit=t)
     sess = open_model(args.model, device=args.device, dtype=args.dtype, config_file=args.config)
-    cfg = session_config(sess, args.config, {"mode": args.mode})
-    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     base_ppl = None
     if args.dataset == "hallucination":  # the unedited model's perplexity, printed beside
         base_ppl = evaluate(sess.model, sess.tokenizer, None, records, generate=False).perplexity
-    negatives = None
-    if args.negatives == "train":
-        negatives = load_prompts(TRAIN[args.dataset])
-    elif args.negatives != "generated":
-        negatives = load_prompts(args.negatives)
-    editor.prepare(negatives, source=args.negatives)
-    t0 = time.perf_counter()
-    # Lifelong: the edits arrive in batches of edits_per_shard, each applied on top of the last.
-    placed: list[dict] = []
-    for i in range(0, len(records), args.arrival):
-        placed += editor.apply(records[i:i + args.arrival])
-        done = min(i + args.arrival, len(records))
-        if done % 100 == 0 or done == len(records):  # long runs (T=1000 is an hour on a CPU)
-            spent = time.perf_counter() - t0
-            print(f"  T={t}: {done} edits applied, {spent / done:.2f} s/edit", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - t0
-    if args.save:  # the trained state, to re-evaluate later (wise eval) without retraining
-        manifest = edit_manifest(sess, cfg, editor, records, placed, None, Path(args.dataset), seconds)
-        write_checkpoint(_saved(args, t), base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()),
-                         manifest=manifest, patch_only=True)
-    steps = {p["shard"]: p["steps"] for p in placed}  # optimisation steps each shard took
-    report = evaluate(sess.model, sess.tokenizer, sess.mem, records)
-    row = {k: v for k, v in report.to_dict().items() if k != "edits"}
+    negatives = {"generated": None}.get(args.negatives, args.negatives)
+    if negatives == "train":
+        negatives = str(TRAIN[args.dataset])
+    # Lifelong: the edits arrive in batches of ``arrival``, each applied on top of the last,
+    # then all T are evaluated on the final model.
+    options = EditOptions(mode=args.mode, config_file=args.config, negatives=negatives, arrival=args.arrival,
+                          patch_only=True)
+    run = edit(sess, records, _saved(args, t) if args.save else None, options, _Stderr(t),
+               edits_source=args.dataset)
+    steps = {p["shard"]: p["steps"] for p in run.placed}  # optimisation steps each shard took
+    row = {k: v for k, v in run.report.to_dict().items() if k != "edits"}
     parts = [row[k] for k in ("reliability", "generalization", "locality") if row[k] is not None]
-    row.update(T=t, avg=sum(parts) / len(parts), seconds_per_edit=seconds / len(records),
+    row.update(T=t, avg=sum(parts) / len(parts), seconds_per_edit=run.seconds_editing / len(records),
                memories=sess.mem.n_memories, base_perplexity=base_ppl,
                mean_steps_per_shard=sum(steps.values()) / max(len(steps), 1))
     return row

@@ -179,3 +179,47 @@ def test_script_usage_error_exits_2(tmp_path, tiny_llama_dir, env):
     res = run_script("eval", tiny_llama_dir, tmp_path / "e.jsonl", "--min-reliability", "1.01")
     assert res.returncode == 2
     assert "--min-reliability" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["edit", "bench"])
+def test_bad_mode_is_usage_error(command, files, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    args = [tiny_llama_dir, files["edits"], "-o", tmp_path / "out"] if command == "edit" else [tiny_llama_dir]
+    code, _, err = run_main(monkeypatch, capsys, command, *args, "--mode", "mixed")
+    assert code == 2 and "--mode" in err and "'mixed' is not one of" in err
+    assert not leftovers(tmp_path, "out")
+
+
+def test_version_prints_the_package_version(monkeypatch, capsys):
+    from wisecli import __version__
+    code, out, _ = run_main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"wise {__version__}"
+
+
+def test_internal_error_is_one_plain_line_with_its_own_exit_code(patched, monkeypatch, capsys):
+    """A bug (not bad input) prints its message as text, brackets and all, names the way to
+    the traceback, and exits 4, apart from bad input's 1."""
+    import wisecli.cli.info as info_cmd
+
+    def broken(*_a, **_k):
+        raise KeyError("target [red]x[/red]")
+
+    monkeypatch.setattr(info_cmd, "read_checkpoint", broken)
+    code, out, err = run_main(monkeypatch, capsys, "info", patched[0])
+    assert code == 4 and out == ""
+    assert error_line(err) == "error: internal error: KeyError: 'target [red]x[/red]'"
+    assert "WISE_DEBUG=1" in err
+
+
+def test_a_removed_knob_loads_at_its_no_op_value_and_is_named_otherwise(files, tiny_llama_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(files["config"].read_text() + "ties_density: 1.0\nweight_decay: 0.01\n")
+    code, _, err = run_main(monkeypatch, capsys, "edit", tiny_llama_dir, files["edits"], "-o", tmp_path / "out",
+                            "--config", cfg, "--no-eval")
+    line = error_line(err)
+    assert code == 1 and f"{cfg}:" in line and "'weight_decay' was removed" in line
+    cfg.write_text(files["config"].read_text() + "ties_density: 1.0\nweight_decay: 0.0\noptimizer: sgd\n")
+    code, out, err = run_main(monkeypatch, capsys, "edit", tiny_llama_dir, files["edits"], "-o", tmp_path / "out",
+                              "--config", cfg, "--no-eval", "--json")
+    assert code == 0, err
+    assert "ties_density" not in json.loads((tmp_path / "out" / "wise.json").read_text())["config"]

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("single_thread", "wise_cache")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 CONFIG = """\
-optimizer: adam
-learning_rate: 0.05
-max_steps: 60
+learning_rate: 0.5
+replay_weight: 0.15
+max_steps: 120
 mask_ratio: 0.5
 n_prefixes: 2
 n_negatives: 4

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import wisecli.wise.memory as memory_module
+from dataclasses import replace
+
+import wisecli.wise.router as router_module
 from wisecli.batching import encode_pairs
 from wisecli.session import open_model
-from wisecli.wise.maths import NO_MEMORY
-from wisecli.wise.memory import main_memory_only, route_on
+from wisecli.wise.router import NO_MEMORY
 
 from wise_support import arch, logits as _logits, model_dir  # noqa: F401
 
@@ -25,16 +26,21 @@ def _hand_set_memory(sess, a: str, b: str) -> tuple[float, float]:
     """One random side memory whose threshold sits between the scores of prompts a and b."""
     mem = sess.mem
     g = torch.Generator().manual_seed(0)
-    mem.memories = torch.randn(1, mem.out_features, mem.in_features, generator=g) * 0.1
-    mem.min_edit_scores = torch.zeros(1)
-    mem.thresholds = torch.zeros(1)
+    memories = torch.randn(1, mem.out_features, mem.in_features, generator=g) * 0.1
+    _set(mem, memories=memories, min_edit_scores=torch.zeros(1), thresholds=torch.zeros(1))
     scores = []
     for text in (a, b):
         _logits(sess.model, sess.tokenizer, [text])
         scores.append(float(mem.last_scores[0, 0]))
     assert abs(scores[0] - scores[1]) > 1e-3 * max(scores)
-    mem.thresholds = torch.tensor([sum(scores) / 2])
+    _set(mem, thresholds=torch.tensor([sum(scores) / 2]))
     return scores[0], scores[1]
+
+
+def _set(mem, subjects=None, **tensors) -> None:
+    """Hand-set state, loaded the way a checkpoint's is."""
+    mem.load_wise_state({**mem.wise_state(), **tensors},
+                        mem.edit_subjects if subjects is None else subjects)
 
 
 def test_routing_is_per_example(model_dir):
@@ -47,7 +53,7 @@ def test_routing_is_per_example(model_dir):
     assert (batch.attention_mask == 0).any()  # one row is padded
     both = _logits(sess.model, sess.tokenizer, [a, b])
     assert sess.mem.last_route.tolist() == want
-    with main_memory_only(sess.mem):
+    with sess.mem.main_only():
         base = _logits(sess.model, sess.tokenizer, [a, b])
     for i, text in enumerate((a, b)):
         alone = _logits(sess.model, sess.tokenizer, [text])[0]
@@ -67,10 +73,9 @@ def test_route_on_scores_the_query_only(model_dir):
     _hand_set_memory(sess, a, b)
     batch = encode_pairs(sess.tokenizer, [a, a], ["rome", "the old king of italy and spain"])
     with torch.no_grad():
-        sess.mem.last_route = None
         _logits(sess.model, sess.tokenizer, [a])
         alone = sess.mem.last_route.clone()
-        with route_on(sess.mem, batch.query_mask):
+        with sess.mem.routing_on(batch.query_mask):
             sess.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids)
     assert sess.mem.last_route.tolist() == alone.tolist() * 2
@@ -92,15 +97,15 @@ def test_generation_holds_prompt_routing(model_dir, monkeypatch, hold):
     plain = sess.mem.last_route.clone()
     assert sorted(plain.tolist()) == [NO_MEMORY, 0]  # one row routes, one does not
 
-    real = memory_module.choose_memory
+    real = router_module.choose_memory
     calls: list[int] = []
 
-    def counting(scores, thresholds):
+    def counting(scores, thresholds, rank=None):
         calls.append(scores.shape[-1])
-        return real(scores, thresholds)
+        return real(scores, thresholds, rank)
 
-    monkeypatch.setattr(memory_module, "choose_memory", counting)
-    sess.mem.hold = hold
+    monkeypatch.setattr(router_module, "choose_memory", counting)
+    sess.mem.configure(replace(sess.mem.router.cfg, hold=hold))
     new_tokens = 4
     with torch.no_grad():
         sess.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -123,13 +128,12 @@ def test_subject_gate_opens_a_memory_only_for_prompts_naming_its_subject(model_d
     texts = ["the capital of france is", "the capital of spain is", "who plays music in the big city"]
     _hand_set_memory(sess, texts[0], texts[2])
     mem = sess.mem
-    mem.thresholds = torch.zeros(1)
-    mem.edit_subjects = [(0, "France")]
+    _set(mem, [(0, "France")], thresholds=torch.zeros(1))
     for gate, want in ((False, [0, 0, 0]), (True, [0, NO_MEMORY, NO_MEMORY])):
-        mem.subject_gate = gate
+        mem.configure(replace(mem.router.cfg, subject_gate=gate))
         _logits(sess.model, sess.tokenizer, texts)
         assert mem.last_route.tolist() == want, gate
-    mem.edit_subjects = [(0, None)]  # no subject: the key gate decides (off here: all pass)
+    _set(mem, [(0, None)])  # no subject: the key gate decides (off here: all pass)
     _logits(sess.model, sess.tokenizer, texts)
     assert mem.last_route.tolist() == [0, 0, 0]
 
@@ -139,11 +143,11 @@ def test_subject_gate_holds_while_generating(model_dir):
     texts = ["the capital of france is", "the capital of spain is"]
     _hand_set_memory(sess, texts[0], texts[1])
     mem = sess.mem
-    mem.thresholds, mem.subject_gate, mem.edit_subjects = torch.zeros(1), True, [(0, "france")]
+    _set(mem, [(0, "france")], thresholds=torch.zeros(1))
     tok = sess.tokenizer
     enc = tok(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
     for hold in (True, False):
-        mem.hold = hold
+        mem.configure(replace(mem.router.cfg, subject_gate=True, hold=hold))
         with torch.no_grad():
             sess.model.generate(**enc, do_sample=False, max_new_tokens=3, min_new_tokens=3,
                                 pad_token_id=tok.pad_token_id)

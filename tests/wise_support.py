@@ -39,6 +39,5 @@ def logits(model, tok, texts: list[str]) -> torch.Tensor:
 
 
 def route(sess, text: str) -> torch.Tensor:
-    sess.mem.last_route = None
     logits(sess.model, sess.tokenizer, [text])
     return sess.mem.last_route.clone()

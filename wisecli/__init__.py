@@ -1,3 +1,3 @@
 """wise: lifelong knowledge edits for LLM checkpoints."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

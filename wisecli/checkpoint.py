@@ -1,20 +1,18 @@
-"""Patched-checkpoint format: atomic write, read, verify.
+"""Patched-checkpoint files: atomic write, read, verify.
 
 A patched directory is a base Hugging Face checkpoint plus ``wise.safetensors``
-(side memories, masks, router state) and ``wise.json`` (the manifest).  Only
-safetensors and JSON are ever read -- never pickle -- so a checkpoint from
-someone else cannot run code, and old checkpoints keep loading on newer PyTorch.
+(side memories and router state) and ``wise.json`` (the manifest; its content and the
+upgrade of older formats are in ``manifest.py``).  Only safetensors and JSON are ever
+read -- never pickle -- so a checkpoint from someone else cannot run code, and old
+checkpoints keep loading on newer PyTorch.
 
 ``wise.safetensors`` holds the ``SideMemoryLayer`` buffers (``wise_state``):
   memories (K, d_out, d_in) f32   side memories as deltas D_k = W'_k - W, null-space projected
   thresholds, min_edit_scores (K,) router threshold per memory, and the score it derives from
   scale () f32, basis (d_in, r) f32   score unit; directions side memories ignore
-  edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys (threshold re-measure,
-                                   key gate), the edit and the memory each belongs to
+  edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys, the edit and the
+                                   memory each belongs to
   replay_factor (d_in, r) f32, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
-The last five are optional on load (checkpoints written before them still open).
-``wise.json`` lists every edit with the memory that holds it and its subject (text, so
-not a tensor): the subject gate reads them when the checkpoint is opened.
 
 Invariant: nothing half-written is ever visible at the output path.  A write is
 built in a temporary sibling directory and renamed into place only when complete.
@@ -38,8 +36,7 @@ import safetensors.torch
 import torch
 
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
-
-FORMAT_VERSION = 1
+from wisecli.manifest import FORMAT_VERSION, upgrade
 WEIGHTS_NAME = "wise.safetensors"
 MANIFEST_NAME = "wise.json"
 
@@ -381,6 +378,7 @@ def read_checkpoint(path: Path, *, verify: bool = True) -> PatchedCheckpoint:
     path = Path(path)
     manifest = _read_manifest(path)
     tensors = _load_tensors(path, manifest["tensors"])
+    manifest, tensors = upgrade(manifest, tensors, str(path / MANIFEST_NAME))
     base = manifest["base"]
     base_dir = path if base["embedded"] else Path(base["path"])
     if verify:

@@ -24,8 +24,9 @@ import torch.nn as nn
 
 from .batching import encode_answer, encode_pairs
 from .edits import EditRecord
-from .wise.maths import NO_MEMORY, target_accuracy, target_nll
-from .wise.memory import SideMemoryLayer, main_memory_only, route_on
+from .wise.maths import target_accuracy, target_nll
+from .wise.memory import SideMemoryLayer
+from .wise.router import NO_MEMORY
 from .wise.train import forward_logits
 
 LOCALITY_TOKENS = 8  # length of the unedited model's own answer where a record gives none
@@ -113,8 +114,8 @@ def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[s
                     batch_size: int, tick: Tick) -> list[tuple[float | None, int | None, float | None]]:
     """(token accuracy, route, perplexity) per (query, answer), routing on the query only.
 
-    The route is read from the layer after each forward; it is reset first because a layer
-    with no memories returns early and would otherwise leave the previous batch's route.
+    The route is read from the layer after each forward (None when nothing was routed: no
+    memories).
     """
     out: list[tuple[float | None, int | None, float | None]] = []
     for chunk in _chunks(pairs, batch_size):
@@ -123,8 +124,7 @@ def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[s
         if mem is None:
             logits = forward_logits(model, batch)
         else:
-            mem.last_route = None
-            with route_on(mem, batch.query_mask):
+            with mem.routing_on(batch.query_mask):
                 logits = forward_logits(model, batch)
             last = mem.last_route
             route = [NO_MEMORY] * len(chunk) if last is None else [int(r) for r in last.tolist()]
@@ -144,9 +144,9 @@ def _agreement(model, tok, mem: SideMemoryLayer, pairs: list[tuple[str, str]],
     out: list[float | None] = []
     for chunk in _chunks(pairs, batch_size):
         batch = encode_pairs(tok, [q for q, _ in chunk], [a for _, a in chunk]).to(_device(model))
-        with route_on(mem, batch.query_mask):
+        with mem.routing_on(batch.query_mask):
             edited = forward_logits(model, batch)
-            with main_memory_only(mem):
+            with mem.main_only():
                 base = forward_logits(model, batch)
         labels = batch.kept_labels()
         ref = labels.clone()
@@ -194,7 +194,7 @@ def _locality(model, tok, mem: SideMemoryLayer | None, items: list[tuple[str, st
     missing = [i for i, (_, a) in enumerate(items) if a is None]
     answers = [a for _, a in items]
     if missing:
-        with main_memory_only(mem):
+        with mem.main_only():
             own = _generate(model, tok, [items[i][0] for i in missing],
                             [LOCALITY_TOKENS] * len(missing), batch_size, tick)
         for i, text in zip(missing, own):

@@ -29,6 +29,7 @@ from wisecli.aliases import (
     is_gguf,
     short_message,
 )
+from wisecli.config import WiseConfig
 from wisecli.errors import DeviceError, ModelError, WiseError
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIASES", "DEFAULT_MODEL", "ARCHITECTURES", "DEFAULT_LAYER_FRACTION", "FFNTarget",
     "cache_dir", "resolve_base", "pick_device", "pick_dtype", "load_model",
-    "default_layer", "locate_ffn_out", "get_module", "set_module", "describe_model",
+    "default_layer", "count_layers", "locate_ffn_out", "get_module", "set_module", "describe_model",
 ]
 
 # ---------------------------------------------------------------- checkpoints
@@ -203,7 +204,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "bloom": ("transformer.h", "mlp.dense_4h_to_h"),
     "opt": ("model.decoder.layers", "fc2"),
 }
-DEFAULT_LAYER_FRACTION = 0.8
+DEFAULT_LAYER_FRACTION = WiseConfig.layer_fraction
 _MODULE_PATH_HINT = ("pass --module-path <dotted path of an FFN output projection, "
                      "e.g. model.layers.20.mlp.down_proj>")
 
@@ -228,6 +229,14 @@ def default_layer(n_layers: int) -> int:
     return min(max(round(DEFAULT_LAYER_FRACTION * n_layers), 0), max(n_layers - 1, 0))
 
 
+def count_layers(model: nn.Module) -> int:
+    """The number of decoder blocks of a model whose architecture the table knows."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+    if model_type not in ARCHITECTURES:
+        raise ModelError(f"unsupported architecture '{model_type}'", hint=_MODULE_PATH_HINT)
+    return len(_module_list(model, ARCHITECTURES[model_type][0]))
+
+
 def locate_ffn_out(
     model: nn.Module, layer: int | None = None, module_path: str | None = None
 ) -> FFNTarget:
@@ -243,10 +252,8 @@ def locate_ffn_out(
             raise ModelError(f"--layer {layer} contradicts --module-path {module_path} (layer {idx})")
         layer = idx
     else:
-        if model_type not in ARCHITECTURES:
-            raise ModelError(f"unsupported architecture '{model_type}'", hint=_MODULE_PATH_HINT)
+        n_layers = count_layers(model)
         layers_path, inner = ARCHITECTURES[model_type]
-        n_layers = len(_module_list(model, layers_path))
         layer = default_layer(n_layers) if layer is None else layer
         if not 0 <= layer < n_layers:
             raise ModelError(f"--layer {layer} is out of range: {model_type} has "

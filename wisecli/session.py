@@ -14,13 +14,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .checkpoint import is_patched, read_checkpoint
-from .config import WiseConfig, from_dict, load_config
+from .checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
+from .config import WiseConfig, load_config
 from .errors import CheckpointError, ConfigError
-from .models import FFNTarget, get_module, load_model, locate_ffn_out, pick_device, pick_dtype, resolve_base, set_module
+from .manifest import config_of, subjects_of
+from .models import (FFNTarget, count_layers, get_module, load_model, locate_ffn_out, pick_device, pick_dtype,
+                     resolve_base, set_module)
 from .wise.editor import EditorState
 from .wise.memory import SideMemoryLayer, install
+from .wise.router import RouterConfig
 
 
 @dataclass
@@ -38,10 +40,11 @@ class Session:
     load_seconds: float
 
 
-def attach(model: nn.Module, target: FFNTarget) -> SideMemoryLayer:
+def attach(model: nn.Module, target: FFNTarget, tokenizer: Any = None) -> SideMemoryLayer:
     """Swap the FFN output projection for a SideMemoryLayer wrapping it (peft-style)."""
     base = get_module(model, target.module_path)
-    mem = SideMemoryLayer(base, target.kind, target.in_features, target.out_features)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    mem = SideMemoryLayer(base, target.kind, target.in_features, target.out_features, decode=decode)
     set_module(model, target.module_path, mem)
     install(model, mem)
     return mem
@@ -62,64 +65,61 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    manifest, tensors = None, None
-    if spec and is_patched(Path(spec)):
-        ckpt = read_checkpoint(Path(spec))
-        manifest, tensors, base_dir = ckpt.manifest, ckpt.tensors, ckpt.base_dir
-        origin = manifest.get("base", {}).get("origin", str(base_dir))
-        saved = manifest["target"]
-        if layer is not None and layer != saved["layer"]:
-            raise ConfigError(f"--layer {layer} differs from the checkpoint's layer {saved['layer']}",
-                              hint="a patched checkpoint keeps its layer; omit --layer")
-        layer, module_path = saved["layer"], saved["module_path"]
+    ckpt = read_checkpoint(Path(spec)) if spec and is_patched(Path(spec)) else None
+    if ckpt is not None:
+        layer, module_path = _checkpoint_layer(ckpt, layer)
+        base_dir, origin = ckpt.base_dir, ckpt.manifest.get("base", {}).get("origin", str(ckpt.base_dir))
     else:
-        base_dir = resolve_base(spec, progress=progress)
-        origin = spec or "default"
+        base_dir, origin = resolve_base(spec, progress=progress), spec or "default"
     model, tok = load_model(base_dir, dev, dt, device_map=device_map)
     if layer is None and module_path is None:
-        # Per-architecture depth (config presets); locate_ffn_out names unsupported models.
-        n = locate_ffn_out(model).n_layers
-        cfg = load_config(config_file, model.config.model_type)
-        if cfg.layer is not None and cfg.layer >= n:
-            raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} is out of range: "
-                              f"{model.config.model_type} has {n} layers (0..{n - 1})")
-        layer = cfg.layer if cfg.layer is not None else min(n - 1, round(cfg.layer_fraction * n))
+        layer = _config_layer(model, config_file)
     target = locate_ffn_out(model, layer=layer, module_path=module_path)
-    mem = attach(model, target)
-    mem.detokenize = lambda ids: tok.decode(ids, skip_special_tokens=True)
-    if tensors is not None:
-        _check_state(tensors, target, Path(spec))
-        mem.load_wise_state(tensors)
-        mem.hold = bool(manifest["config"].get("hold_routing", True))
-        mem.pooling = manifest["config"].get("score_pooling", "mean")
-        mem.key_gate = float(manifest["config"].get("key_gate", 0.0))
-        mem.route_by = manifest["config"].get("route_by", "closest")  # older checkpoints
-        mem.coverage_gate = float(manifest["config"].get("coverage_gate", 0.0))
-        # Checkpoints written before the subject gate keep routing by keys alone.
-        mem.subject_gate = bool(manifest["config"].get("subject_gate", False))
-        mem.edit_subjects = [(int(e["memory"]), e.get("subject")) for e in manifest.get("edits", [])
-                             if e.get("memory") is not None]
+    mem = attach(model, target, tok)
+    if ckpt is not None:
+        _restore(mem, ckpt, target)
     blocks = get_module(model, target.layers_path)
-    return Session(model, tok, mem, target, blocks, base_dir, origin, manifest, dev, dt,
-                   time.perf_counter() - t0)
+    return Session(model, tok, mem, target, blocks, base_dir, origin, ckpt.manifest if ckpt else None,
+                   dev, dt, time.perf_counter() - t0)
 
 
-def _check_state(tensors: dict[str, torch.Tensor], target: FFNTarget, path: Path) -> None:
-    mems = tensors.get("memories")
+def _checkpoint_layer(ckpt: PatchedCheckpoint, layer: int | None) -> tuple[int, str]:
+    saved = ckpt.manifest["target"]
+    if layer is not None and layer != saved["layer"]:
+        raise ConfigError(f"--layer {layer} differs from the checkpoint's layer {saved['layer']}",
+                          hint="a patched checkpoint keeps its layer; omit --layer")
+    return saved["layer"], saved["module_path"]
+
+
+def _config_layer(model: nn.Module, config_file: str | None) -> int:
+    """The layer the config (file over the architecture's preset) puts the memory at."""
+    n = count_layers(model)
+    cfg = load_config(config_file, model.config.model_type)
+    if cfg.layer is not None and cfg.layer >= n:
+        raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} is out of range: "
+                          f"{model.config.model_type} has {n} layers (0..{n - 1})")
+    return cfg.layer if cfg.layer is not None else min(n - 1, round(cfg.layer_fraction * n))
+
+
+def _restore(mem: SideMemoryLayer, ckpt: PatchedCheckpoint, target: FFNTarget) -> None:
+    """The checkpoint's memories, subjects and routing settings, into the layer."""
+    mems = ckpt.tensors.get("memories")
     want = (target.out_features, target.in_features)
     if mems is None or tuple(mems.shape[1:]) != want:
         got = None if mems is None else tuple(mems.shape)
-        raise CheckpointError(f"{path}: side memory shape {got} does not fit {target.module_path} {want}")
+        raise CheckpointError(f"{ckpt.path}: side memory shape {got} does not fit {target.module_path} {want}")
+    mem.load_wise_state(ckpt.tensors, subjects_of(ckpt.manifest))
+    mem.configure(RouterConfig.from_config(config_of(ckpt.manifest)))
 
 
-def session_config(sess: Session, config_file: str | None, overrides: dict[str, Any]) -> WiseConfig:
+def resolve_config(sess: Session, config_file: str | None, overrides: dict[str, Any]) -> WiseConfig:
     """The run's hyper-parameters: the checkpoint's when continuing, else defaults + preset."""
     if sess.manifest is None:  # the manifest records the layer the memory really sits at
         cfg = load_config(config_file, sess.model.config.model_type, overrides)
         return cfg.replace(layer=sess.target.layer)
-    saved = from_dict(sess.manifest["config"], "wise.json")
+    saved = config_of(sess.manifest)
     fixed = {"mode": saved.mode, "layer": sess.target.layer}
-    for key, value in {**overrides}.items():
+    for key, value in overrides.items():
         if key in fixed and value is not None and value != fixed[key]:
             raise ConfigError(f"--{key} {value} differs from the checkpoint's {fixed[key]}",
                               hint="side memories of one checkpoint share one mode and layer")
@@ -132,20 +132,11 @@ def session_config(sess: Session, config_file: str | None, overrides: dict[str, 
     if config_file and cfg.layer not in (None, saved.layer, sess.target.layer):
         raise ConfigError(f"{config_file}: field 'layer': {cfg.layer} differs from the checkpoint's "
                           f"layer {sess.target.layer}", hint="a patched checkpoint keeps its layer")
+    if sess.mem.n_memories and not sess.mem.edit_keys.numel():
+        raise CheckpointError(f"{sess.origin}: written before router keys; new edits would re-measure its "
+                              "thresholds without its earlier edits", hint="re-create it from the base model")
     return cfg.replace(layer=sess.target.layer)
 
 
 def editor_state(sess: Session) -> EditorState:
     return EditorState.from_dict(sess.manifest.get("editor", {})) if sess.manifest else EditorState()
-
-
-def base_manifest(sess: Session) -> dict:
-    """Manifest keys describing the tool, the base model and the edited module."""
-    t = sess.target
-    prior = (sess.manifest or {}).get("base", {})
-    return {
-        "tool": {"name": "wise", "version": __version__, "torch": torch.__version__},
-        "base": {"origin": prior.get("origin", sess.origin), "model_type": t.model_type},
-        "target": {"module_path": t.module_path, "layer": t.layer, "n_layers": t.n_layers,
-                   "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features},
-    }

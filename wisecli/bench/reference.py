@@ -19,15 +19,10 @@ def reference_forward(model: nn.Module, mem: SideMemoryLayer, batch: Batch) -> R
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
         both = torch.cat([ce_idx, e_idx, i_idx]).to(delta.device)
         sub = batch.rows(both)
-        mem.train_delta = delta
-        mem.token_mask, mem._explicit_mask = sub.query_mask, True
-        try:
+        with mem.with_delta(delta, sub.query_mask):
             logits = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask,
                            position_ids=sub.position_ids, use_cache=False).logits
-            scores = mem.last_scores
-            tokens, weights = mem.last_token_scores
-        finally:
-            mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
+        scores, tokens, weights = mem.train_scores.pooled, mem.train_scores.tokens, mem.train_scores.weights
         n, m = ce_idx.numel(), e_idx.numel()
         ce = None
         if n:

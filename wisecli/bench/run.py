@@ -40,14 +40,15 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _snapshot(editor: WiseEditor) -> tuple[dict, dict]:
-    return ({k: v.clone() for k, v in editor.mem.wise_state().items()}, editor.state.to_dict())
+def _snapshot(editor: WiseEditor) -> tuple[dict, list, dict]:
+    return ({k: v.clone() for k, v in editor.mem.wise_state().items()}, list(editor.mem.edit_subjects),
+            editor.state.to_dict())
 
 
-def _restore(editor: WiseEditor, snap: tuple[dict, dict]) -> None:
-    editor.mem.load_wise_state(snap[0])
+def _restore(editor: WiseEditor, snap: tuple[dict, list, dict]) -> None:
+    editor.mem.load_wise_state(snap[0], snap[1])
     editor.state = EditorState.from_dict({k: (list(v) if isinstance(v, list) else v)
-                                          for k, v in snap[1].items()})
+                                          for k, v in snap[2].items()})
 
 
 def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: str,

@@ -1,13 +1,18 @@
-"""Entry point: wires the commands and maps domain errors to one-line messages."""
+"""Entry point: wires the commands and maps errors to one-line messages and exit codes.
+
+Exit codes: 0 ok, 1 bad input (a ``WiseError``), 2 bad usage, 3 a ``--min-*`` gate failed,
+4 an internal error (a bug: please report it with the WISE_DEBUG=1 traceback), 130 interrupted.
+"""
 from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from typer.exceptions import TyperException
 
+from .. import __version__
 from ..errors import WiseError
 from . import console
 from .edit import edit
@@ -15,10 +20,26 @@ from .eval_cmd import eval_cmd
 from .generate import generate
 from .info import info
 
+INTERNAL_ERROR = 4
+
 app = typer.Typer(
     name="wise", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Lifelong knowledge edits (WISE) for language-model checkpoints, offline.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out.print(f"wise {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None) -> None:
+    """Lifelong knowledge edits (WISE) for language-model checkpoints, offline."""
+
+
 app.command("edit")(edit)
 app.command("eval")(eval_cmd)
 app.command("generate")(generate)
@@ -55,9 +76,7 @@ def main() -> None:
     except WiseError as exc:
         if debug:
             raise
-        console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        if exc.hint:
-            console.err.print(f"[dim]hint: {escape(exc.hint)}[/dim]", highlight=False)
+        console.error(str(exc), exc.hint)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.err.print("aborted")
@@ -72,8 +91,6 @@ def main() -> None:
     except Exception as exc:  # an unexpected bug: still one line unless debugging
         if debug:
             raise
-        console.err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {exc}",
-                          highlight=False, markup=False)
-        console.err.print("[dim]hint: set WISE_DEBUG=1 for the traceback[/dim]")
-        sys.exit(1)
-
+        console.error(f"internal error: {type(exc).__name__}: {exc}",
+                      "this is a bug in wise; rerun with WISE_DEBUG=1 for the traceback and report it")
+        sys.exit(INTERNAL_ERROR)

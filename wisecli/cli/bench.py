@@ -10,19 +10,18 @@ from transformers import AutoTokenizer
 
 from ..bench.run import measure_editing, measure_inference
 from ..bench.synthetic import SHAPES, synthetic_edits, synthetic_model
-from ..errors import WiseError
 from ..models import get_module, locate_ffn_out, pick_device, pick_dtype, resolve_base
 from ..report import summary_table
 from ..session import Session, attach, open_model
 from . import console
-from .options import Device, DType, Json
+from .options import Device, DType, Json, Mode
 
 
 def bench(
     model: Annotated[str, typer.Argument(help="Model to measure (as for wise edit); ignored with --synthetic.")] = "default",
     edits: Annotated[int, typer.Option("--edits", min=1, help="Edits to apply.")] = 20,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Edits trained together (one shard).")] = 10,
-    mode: Annotated[str, typer.Option(help="merge or retrieve.")] = "merge",
+    mode: Annotated[Mode, typer.Option(help="merge or retrieve.")] = Mode.merge,
     synthetic: Annotated[Optional[str], typer.Option(help=f"Random weights of a real shape, built on the device: {', '.join(SHAPES)}.")] = None,
     compare_reference: Annotated[bool, typer.Option("--compare-reference", help="Also time the plain full-forward loop on the first batch.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", help="YAML hyper-parameters, as for wise edit.")] = None,
@@ -39,8 +38,7 @@ def bench(
 
       wise bench --synthetic llama-2-7b --device cuda --dtype bfloat16 --batch 16 --json
     """
-    if mode not in ("merge", "retrieve"):
-        raise WiseError(f"--mode must be merge or retrieve, got '{mode}'")
+    mode_name = mode.value
     say = lambda m: console.status(m, json_out)  # noqa: E731
     sess = _synthetic_session(synthetic, device, dtype) if synthetic else \
         open_model(model, device=device, dtype=dtype, progress=say)
@@ -49,8 +47,8 @@ def bench(
     result = {"model": synthetic or model, "synthetic": bool(synthetic), "device": str(sess.device),
               "device_name": torch.cuda.get_device_name(sess.device) if sess.device.type == "cuda" else platform.processor() or platform.machine(),
               "dtype": str(sess.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-              "mode": mode, "edits": edits, "batch": batch, "module": sess.target.module_path}
-    result.update(measure_editing(sess, records, batch, mode, compare_reference, say, config))
+              "mode": mode_name, "edits": edits, "batch": batch, "module": sess.target.module_path}
+    result.update(measure_editing(sess, records, batch, mode_name, compare_reference, say, config))
     say("timing inference: base vs patched, interleaved")
     result.update(measure_inference(sess, [r.prompt for r in records[:8]], reps))
     result["edit_cost_forward_equivalents"] = round(result["seconds_per_edit"] / result["forward_seconds"], 1)
@@ -71,7 +69,7 @@ def _synthetic_session(name: str, device: str, dtype: str) -> Session:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = synthetic_model(name, dev, dt, min_vocab=len(tok))
-    target = locate_ffn_out(model, layer=round(0.8 * model.config.num_hidden_layers))
-    mem = attach(model, target)
+    target = locate_ffn_out(model)
+    mem = attach(model, target, tok)
     return Session(model, tok, mem, target, get_module(model, target.layers_path), None, name, None,
                    dev, dt, 0.0)

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -37,3 +38,26 @@ def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Any]:
         task = bar.add_task(description, total=total, info="")
         yield lambda completed=None, info="": bar.update(
             task, **({"completed": completed} if completed is not None else {}), info=info)
+
+
+class ConsoleReporter:
+    """The pipeline's status lines and progress bars, on stderr; silent under --json."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def status(self, message: str) -> None:
+        status(message, self.quiet)
+
+    @contextmanager
+    def phase(self, name: str, total: int) -> Iterator[Any]:
+        with progress_bar(name, total, self.quiet) as bar:
+            yield (lambda done, note="": bar(done, note)) if bar else (lambda done, note="": None)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """One error line (and a hint) on stderr, as plain text styled by rich, never parsed as
+    markup: a message may contain brackets."""
+    err.print(Text("error: ", style="red") + Text(message), highlight=False)
+    if hint:
+        err.print(Text(f"hint: {hint}", style="dim"), highlight=False)

@@ -8,7 +8,7 @@ import typer
 from rich.text import Text
 
 from ..session import open_model
-from ..wise.memory import route_names
+from ..wise.router import route_names
 from . import console
 from .options import Device, DeviceMap, DType, Json, ModelArg
 

@@ -1,9 +1,18 @@
 """Option types shared by every command, defined once."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+
+
+class Mode(str, Enum):
+    """merge: one side memory that shards merge into; retrieve: several, top-1 routing."""
+
+    merge = "merge"
+    retrieve = "retrieve"
+
 
 ModelArg = Annotated[str, typer.Argument(
     help="Alias (smollm2-135m, gemma3-270m, or 'default'), Hugging Face checkpoint dir, "

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .memory import SideMemoryLayer, main_memory_only
+from .memory import SideMemoryLayer
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "We")
 
@@ -50,7 +50,7 @@ def generate_prefixes(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int,
     if n == 0:
         return []
     prefixes: list[str] = []
-    with main_memory_only(mem):
+    with mem.main_only():
         for i, length in enumerate(lengths):
             count = n // len(lengths) + (1 if i < n % len(lengths) else 0)
             seeds = [PREFIX_SEEDS[j % len(PREFIX_SEEDS)] for j in range(count)]
@@ -63,7 +63,7 @@ def generate_negatives(model: nn.Module, tokenizer, mem: SideMemoryLayer, n: int
                        lengths: tuple[int, ...], seed: int) -> list[str]:
     seeds = [NEGATIVE_SEEDS[j % len(NEGATIVE_SEEDS)] for j in range(n)]
     out: list[str] = []
-    with main_memory_only(mem):
+    with mem.main_only():
         for i, length in enumerate(lengths):
             chunk = seeds[i::len(lengths)]
             if chunk:

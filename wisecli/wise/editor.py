@@ -13,16 +13,16 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from .augment import (embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
-from .maths import (activation_score, common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
+from .maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
-from .memory import SideMemoryLayer, main_memory_only
+from .memory import SideMemoryLayer
+from .router import RouterConfig
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
 
 
@@ -55,9 +55,7 @@ class WiseEditor:
         self.state = state or EditorState()
         self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
-        mem.pooling, mem.hold, mem.key_gate = cfg.score_pooling, cfg.hold_routing, cfg.key_gate
-        mem.route_by, mem.coverage_gate = cfg.route_by, cfg.coverage_gate
-        mem.subject_gate = cfg.subject_gate
+        mem.configure(RouterConfig.from_config(cfg))
         # The benchmark swaps in its full-forward reference here; editing never does.
         self.forward_factory: Callable[[Batch], RowsForward] | None = None
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
@@ -79,23 +77,23 @@ class WiseEditor:
                                               cfg.negative_lengths, cfg.seed)
             st.negatives_source = "generated"
         if self.mem.n_memories == 0 and st.shards_trained == 0:
-            self.mem.scale = torch.tensor(self.measure_scale(st.negatives), device=self.device)
+            self.mem.calibrate(*self.measure_scale(st.negatives))
 
     @torch.no_grad()
-    def measure_scale(self, texts: list[str]) -> float:
-        """Median ‖W a_t‖ over the tokens of neutral text: the unit of router scores.
+    def measure_scale(self, texts: list[str]) -> tuple[float, torch.Tensor]:
+        """Median ‖W a_t‖ over the tokens of neutral text (the unit of router scores), and the
+        null-space basis of the same activations.
 
         The median, not the mean: a few tokens carry activations 100x the rest.
-        Also sets the layer's null-space basis from the same activations.
         """
         batch, raw = self._layer_inputs(texts)
         acts = raw.float()
         keep = scored_tokens(batch.attention_mask, acts[..., 0]) > 0
         # Never more than an eighth of the space: the rest must stay free for the edits.
         rank = min(self.cfg.null_space_rank, self.mem.in_features // 8)
-        self.mem.basis = common_basis(acts[keep], rank).to(self.device)
+        basis = common_basis(acts[keep], rank).to(self.device)
         norms = self.mem.base_layer(raw).float().norm(dim=-1)
-        return float(norms[keep].median().clamp_min(1e-6))
+        return float(norms[keep].median().clamp_min(1e-6)), basis
 
     @torch.no_grad()
     def _layer_inputs(self, texts: list[str]) -> tuple[Batch, torch.Tensor]:
@@ -104,7 +102,7 @@ class WiseEditor:
         seen: list[torch.Tensor] = []
         handle = self.mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         try:
-            with main_memory_only(self.mem):
+            with self.mem.main_only():
                 self._run_to_layer(batch)
         finally:
             handle.remove()
@@ -160,30 +158,7 @@ class WiseEditor:
             row_edit.append(IRRELEVANT)
         return encode_pairs(self.tok, queries, answers), torch.tensor(row_edit)
 
-    @torch.no_grad()
-    def edit_scores(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
-        """Router scores of the query tokens under one side memory."""
-        self.mem.train_delta = delta
-        self.mem.token_mask, self.mem._explicit_mask = batch.query_mask, True
-        try:
-            self._run_to_layer(batch)
-            return self.mem.last_scores
-        finally:
-            self.mem.train_delta, self.mem.token_mask, self.mem._explicit_mask = None, None, False
-
     # ---- the schedule --------------------------------------------------------------
-    def _group_scores(self, results: list[ShardResult], edits: list[EditRecord],
-                      delta: torch.Tensor) -> torch.Tensor:
-        """Scores of the group's edit prompts under the new memory, from the recorded
-        activations where training kept them, else from a forward pass."""
-        if all(r.edit_acts is not None for r in results):
-            return torch.cat([activation_score(F.linear(project_out(r.edit_acts, self.mem.basis), delta),
-                                               r.edit_mask, self.mem.pooling) / self.mem.scale
-                              for r in results])
-        batch, row_edit = self.shard_batch(edits)
-        rows = (row_edit >= 0).nonzero().squeeze(-1)
-        return self.edit_scores(batch.rows(rows).to(self.device), delta)
-
     def _fold_into_last(self, n_edits: int) -> bool:
         """Merge mode: whether the next group joins the newest memory or opens a new one."""
         counts, cap = self.state.memory_edit_counts, self.cfg.edits_per_memory
@@ -195,8 +170,7 @@ class WiseEditor:
         if fold:
             return self.mem.memories[-1].clone()
         if self.cfg.mode == "merge":  # a new memory: earlier edits live elsewhere, nothing to replay
-            self.mem.replay_factor = torch.zeros(0, 0, device=self.device)
-            self.mem.replay_count = torch.zeros((), device=self.device)
+            self.mem.set_replay(torch.zeros(0, 0), 0.0)
         return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
 
     def apply(self, edits: list[EditRecord], progress: ProgressFn | None = None) -> list[dict]:
@@ -236,7 +210,7 @@ class WiseEditor:
             k = self._merge(results, start, group_edits, fold)
             for p, e in zip(placed[len(placed) - len(group_edits):], group_edits):
                 p["memory"], p["subject"] = k, subject_of(e.prompt, e.subject)
-                self.mem.edit_subjects.append((k, p["subject"]))
+            self.mem.add_subjects([(k, p["subject"]) for p in placed[len(placed) - len(group_edits):]])
         return placed
 
     def _replay(self) -> torch.Tensor | None:
@@ -255,38 +229,26 @@ class WiseEditor:
             return
         new = torch.cat([counted_tokens(project_out(r.edit_acts.float(), mem.basis), r.edit_attn)
                          for r in results])
-        factor, count = replay_factor(mem.replay_factor, float(mem.replay_count), new,
-                                      self.cfg.replay_rank)
-        mem.replay_factor, mem.replay_count = factor, torch.tensor(count, device=self.device)
+        mem.set_replay(*replay_factor(mem.replay_factor, float(mem.replay_count), new, self.cfg.replay_rank))
 
     def _merge(self, results: list[ShardResult], start: torch.Tensor,
                edits: list[EditRecord], fold: bool) -> int:
         """TIES-merge a group of shards; merge mode folds it into the newest memory until that
-        holds ``edits_per_memory``, otherwise (and always in retrieve mode) it becomes a new one."""
+        holds ``edits_per_memory``, otherwise (and always in retrieve mode) it becomes a new one.
+        The memory's threshold is then re-measured over every edit it holds, under the memory
+        as it is now: each merge raises all its scores."""
         cfg, mem = self.cfg, self.mem
-        merged = merge_ties([r.delta for r in results], cfg.ties_density)
+        new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
         if fold:
             k = mem.n_memories - 1
-            new = project_rows(cfg.old_memory_weight * start + merged, mem.basis)
-            mem.memories[k] = new
+            mem.replace_memory(k, new)
         else:
-            k = mem.n_memories
-            new = project_rows(start + merged, mem.basis)
-            mem.memories = torch.cat([mem.memories, new[None]])
-            mem.min_edit_scores = torch.cat([mem.min_edit_scores,
-                                             torch.full((1,), float("inf"), device=self.device)])
-            mem.thresholds = torch.cat([mem.thresholds, torch.zeros(1, device=self.device)])
+            k = mem.add_memory(new)
             self.state.memory_edit_counts.append(0)
-        if cfg.keys_per_edit:
-            self._add_keys(edits, k, new)
-            # Every edit this memory holds, scored under the memory as it is now.
-            sel = mem.key_memory == k
-            mem.min_edit_scores[k] = min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new,
-                                                    mem.scale, mem.pooling)
-        else:
-            scores = self._group_scores(results, edits, new)
-            mem.min_edit_scores[k] = torch.minimum(mem.min_edit_scores[k], scores.min())
-        mem.thresholds[k] = cfg.act_ratio * mem.min_edit_scores[k]
+        self._add_keys(edits, k, new)
+        sel = mem.key_memory == k
+        mem.set_threshold(k, min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new, mem.scale,
+                                            cfg.score_pooling), cfg.act_ratio)
         self._add_replay(results)
         self.state.memory_edit_counts[k] += len(edits)
         return k
@@ -324,9 +286,4 @@ class WiseEditor:
                                          self._reference_tokens(edits), mem.basis, self.cfg.key_gate)
         else:
             acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
-        first = int(mem.key_edit.max()) + 1 if mem.key_edit.numel() else 0
-        owner = torch.arange(first, first + len(edits), device=self.device)[:, None].expand_as(real)
-        mem.edit_keys = torch.cat([mem.edit_keys, acts[real].to(mem.edit_keys.dtype)])
-        mem.key_edit = torch.cat([mem.key_edit, owner[real]])
-        mem.key_memory = torch.cat([mem.key_memory, torch.full((int(real.sum()),), k, device=self.device)])
-
+        mem.add_keys(acts, real, k)

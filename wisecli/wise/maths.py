@@ -3,13 +3,12 @@
 Notation (paper, Sec. 3): ``W`` is the FFN output projection at layer L (main
 memory), ``D = W' - W`` a side memory stored as a delta, ``a_t`` the input of the
 projection at token t.  Nothing here touches a model, a file or a device choice.
+The router's own maths (gates, top-1 choice) is in ``router.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-NO_MEMORY = -1  # route index meaning "main memory"
 
 
 def activation_score(delta_out: torch.Tensor, token_mask: torch.Tensor | None,
@@ -81,93 +80,6 @@ def common_basis(acts: torch.Tensor, rank: int) -> torch.Tensor:
         return acts.new_zeros(acts.shape[1], 0)
     _, _, vh = torch.linalg.svd(acts.float(), full_matrices=False)
     return vh[:rank].T.contiguous()
-
-
-def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor,
-                  rank: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-1 routing: per example, the memory that clears its threshold by the widest factor.
-
-    scores: (K, B); thresholds: (K,).  Returns (B,) long, NO_MEMORY where no memory
-    clears its threshold.  Memories are compared by score / threshold, not by raw score:
-    each memory's scores live on its own scale (a memory of hard edits answers everything
-    louder), and the raw maximum sent edits to the wrong memory (ZsRE T=100, retrieve:
-    reliability 0.60).  ``rank`` (K, B), when given, orders the memories that clear their
-    thresholds instead (the layer passes key similarity or coverage, ``route_by``).
-    Vectorised and sync-free: no ``.item()``, so it batches and never stalls a GPU.
-    """
-    if scores.shape[0] == 0:
-        return torch.full(scores.shape[1:], NO_MEMORY, dtype=torch.long, device=scores.device)
-    above = scores > thresholds[:, None]
-    if rank is None:
-        rank = scores / thresholds.clamp_min(1e-6)[:, None]
-    masked = torch.where(above, rank.to(scores.dtype), torch.full_like(scores, float("-inf")))
-    best = masked.argmax(dim=0)
-    return torch.where(above.any(dim=0), best, torch.full_like(best, NO_MEMORY))
-
-
-def key_similarity(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
-                   key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
-    """Per memory, the best cosine between any scored token of a prompt and any of its keys.
-
-    acts: (B, T, d_in) projected activations (``project_out``); keys: (M, d_in) unit-norm,
-    projected the same way; key_memory: (M,) the memory each key belongs to.  Returns (K, B),
-    -1 for a memory with no key.  Unlike the score ‖D a‖, this does not grow as a merged
-    memory takes in more edits: a key is an edit prompt's own activation, fixed when the
-    edit is made, so what it tells apart at the first edit it still tells apart at the
-    thousandth.
-    """
-    return _per_memory(_best_token(acts, token_mask, keys), key_memory, n_memories)
-
-
-def key_coverage(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
-                 key_edit: torch.Tensor, key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
-    """Per memory, how much of one of its edits a prompt covers: the best, over the memory's
-    edits, of the mean over that edit's keys of the key's best cosine with a prompt token.
-
-    Picks the memory among those that pass the gate.  The single closest key, used before,
-    is often a word another edit shares (a relation's template, a common name), and with
-    many memories some other edit's key is nearly always closer on one word; a rephrase
-    matches most of its own edit's keys.  Proxy on ZsRE 0–999 (base-model keys, each
-    rephrase against all 1000 edits): its own edit ranked first 0.50 of the time by the
-    closest key, 0.70 by coverage.  Returns (K, B), -1 for a memory with no key.
-    """
-    return key_match(acts, token_mask, keys, key_memory, n_memories, edit_index(key_edit))[1]
-
-
-def edit_index(key_edit: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Each key's edit renumbered 0..E-1, and E.  Worth caching: ``torch.unique`` syncs a GPU."""
-    edits, owner = torch.unique(key_edit, return_inverse=True)
-    return owner, edits.numel()
-
-
-def key_match(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
-              key_memory: torch.Tensor, n_memories: int,
-              edit_owner: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``key_similarity`` and, given ``edit_owner`` (``edit_index``), ``key_coverage``, from one
-    token-by-key product.  Without ``edit_owner`` the second tensor is the first."""
-    best = _best_token(acts, token_mask, keys)  # (B, M)
-    sims = _per_memory(best, key_memory, n_memories)
-    if edit_owner is None:
-        return sims, sims
-    owner, n_edits = edit_owner
-    index = owner[None].expand(best.shape[0], -1)
-    per_edit = torch.zeros(best.shape[0], n_edits, device=best.device).scatter_reduce(
-        1, index, best, reduce="mean", include_self=False)
-    return sims, _per_memory(per_edit.gather(1, index), key_memory, n_memories)
-
-
-def _best_token(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
-    """(B, M): each key's best cosine with a scored token of each prompt."""
-    sim = F.normalize(acts.float(), dim=-1) @ keys.float().T  # (B, T, M)
-    m = scored_tokens(token_mask, sim[..., 0])
-    return sim.masked_fill(m[..., None] == 0, -1.0).amax(dim=1)
-
-
-def _per_memory(per_key: torch.Tensor, key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
-    """(B, M) values per key -> (K, B), the largest over each memory's keys."""
-    out = torch.full((n_memories, per_key.shape[0]), -1.0, device=per_key.device)
-    index = key_memory[:, None].expand(-1, per_key.shape[0])
-    return out.scatter_reduce(0, index, per_key.T, reduce="amax", include_self=True)
 
 
 def loudest_tokens(acts: torch.Tensor, token_mask: torch.Tensor, delta: torch.Tensor,
@@ -298,29 +210,21 @@ def shard_mask(shape: torch.Size | tuple[int, ...], ratio: float, seed: int,
     return (torch.rand(tuple(shape), generator=gen) < ratio).to(device)
 
 
-def merge_ties(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
+def merge_ties(deltas: list[torch.Tensor]) -> torch.Tensor:
     """TIES merge (Yadav et al. 2023) of shard deltas τ_i that share one starting point.
 
-    1. trim: keep each τ_i's top-``density`` entries by magnitude;
-    2. elect: per entry, the sign of the summed trimmed deltas;
-    3. disjoint mean: average only the entries that agree with the elected sign.
-    Entries touched by one shard only (disjoint masks) come through unchanged.
+    1. elect: per entry, the sign of the summed deltas;
+    2. disjoint mean: average only the entries that agree with the elected sign.
+    Entries touched by one shard only (disjoint masks) come through unchanged.  TIES's
+    first step, trimming each τ_i to its largest entries, is left out: a shard trained
+    alone under its own mask only loses edits by it.
     """
-    stacked = torch.stack([_trim(d, density) for d in deltas])  # (n, d_out, d_in)
+    stacked = torch.stack(deltas)  # (n, d_out, d_in)
     sign = torch.sign(stacked.sum(dim=0))
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
     total = (stacked * agree).sum(dim=0)
     count = agree.sum(dim=0).clamp_min(1)
     return total / count
-
-
-def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1.0:
-        return delta
-    flat = delta.abs().flatten()
-    k = max(1, int(round(density * int((flat > 0).sum()))))
-    threshold = flat.topk(k).values.min()
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
 def target_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

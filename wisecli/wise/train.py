@@ -31,11 +31,10 @@ class ShardResult:
     learned: int            # edits whose every row is predicted right
     n_edits: int
     seconds: float
-    # The edit rows' recorded activations and query masks (fast path only), so the
-    # router threshold after a merge needs no new forward pass.
+    # The edit rows' recorded activations and real tokens (answers too; fast path only),
+    # folded into the replay factor after the merge without a new forward pass.
     edit_acts: torch.Tensor | None = None
-    edit_mask: torch.Tensor | None = None
-    edit_attn: torch.Tensor | None = None  # all their real tokens (answers too), for replay
+    edit_attn: torch.Tensor | None = None
 
 
 IRRELEVANT = -1   # row_edit of generic irrelevant rows (a sample of them in each step)
@@ -214,20 +213,15 @@ def _edit_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList,
                   positions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """(N, V) logits of the answer tokens at ``positions`` of edit rows, only blocks L..N
     running and the head only where an answer token is scored."""
-    mem.train_delta = delta
-    mem.token_mask, mem._explicit_mask = sub.query_mask, True
     replay = replay_lower_blocks(blocks, layer, {"output": block_out}) if block_out is not None \
         else nullcontext()
-    try:
-        with head_on_positions(model, *positions), replay:
-            logits = _trimmed_logits(model, sub)
-        return logits.reshape(-1, logits.shape[-1])
-    finally:
-        mem.train_delta, mem.token_mask, mem._explicit_mask = None, None, False
+    with mem.with_delta(delta, sub.query_mask), head_on_positions(model, *positions), replay:
+        logits = _trimmed_logits(model, sub)
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
-                 batch: Batch, rec: Recorded) -> RowsForward:
+                 batch: Batch, rec: Recorded, pooling: str) -> RowsForward:
     """The product path: lower blocks replayed for the CE rows; scores from recorded a_t.
 
     A router score needs only ‖D a_t‖ at layer L, and a_t does not depend on D: it
@@ -257,7 +251,7 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
                                    (row.to(dev), col.to(dev)))
             ce = row_losses(logits, gold.to(dev), row.to(dev), ce_idx.numel())
         e_tok, e_m = scores(e_idx.to(dev), delta)
-        return ce, pool_scores(e_tok, e_m, mem.pooling), *scores(i_idx.to(dev), delta)
+        return ce, pool_scores(e_tok, e_m, pooling), *scores(i_idx.to(dev), delta)
     return run
 
 
@@ -287,6 +281,69 @@ def _separated(i_tokens: torch.Tensor, e_scores: torch.Tensor, act_ratio: float)
     return i_tokens.numel() == 0 or bool(i_tokens.max() < act_ratio * e_scores.min())
 
 
+@dataclass(frozen=True)
+class ShardRows:
+    """Where a shard's rows are, as host tensors (so choosing a step's rows never syncs)."""
+
+    edit: torch.Tensor        # (E, V): each edit's rows, the bare prompt first
+    irrelevant: torch.Tensor  # generic irrelevant rows (a sample of them in each step)
+    near: torch.Tensor        # near-miss rows (all of them in every step)
+    n_variants: int           # rows per edit in one step
+
+    @property
+    def n_edits(self) -> int:
+        return int(self.edit.shape[0])
+
+
+def shard_rows(batch: Batch, row_edit: torch.Tensor, cfg: WiseConfig) -> ShardRows:
+    """Edit rows come first, edit by edit, each edit with the same number of variants."""
+    row_edit = row_edit.cpu()
+    n_edits = int(row_edit.max()) + 1
+    edit = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)
+    longest = int(batch.attention_mask[edit.reshape(-1).to(batch.attention_mask.device)].sum(-1).max())
+    return ShardRows(edit, (row_edit == IRRELEVANT).nonzero().squeeze(-1),
+                     (row_edit == NEAR_MISS).nonzero().squeeze(-1), variants_per_step(cfg, longest))
+
+
+def answer_loss(ce: tuple[torch.Tensor, torch.Tensor], ce_edits: torch.Tensor, per_edit_rows: int,
+                n_edits: int, learned_nll: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cross-entropy of the edits still being pushed, and per edit: wrong, pushing.
+
+    An edit stops contributing once every row is right with some confidence to spare (mean
+    answer NLL below ``learned_nll``): one stopped right at the boundary slips back at the
+    next step of its neighbours.  It comes back if it slips.
+    """
+    nll, row_ok = ce
+    row_ce_edit = ce_edits.repeat_interleave(per_edit_rows).to(nll.device)
+    per_edit = torch.zeros(n_edits, device=nll.device)
+    wrong = per_edit.index_add(0, row_ce_edit, (~row_ok).float()) > 0
+    unsure = ~row_ok | (nll.detach() > learned_nll)
+    pushing = per_edit.index_add(0, row_ce_edit, unsure.float()) > 0
+    weight = pushing[row_ce_edit].float()
+    return (nll * weight).sum() / weight.sum().clamp_min(1), wrong, pushing
+
+
+class _Progress:
+    """Per-edit early stopping, read from the device once every ``check_every`` steps.
+
+    In between, only the edits still wrong at the last check get the cross-entropy (and a
+    forward pass), so a shard gets cheaper as its edits are learned; an edit leaves only
+    once it was right at two checks in a row, so one that just got there is not left to slip.
+    """
+
+    def __init__(self, n_edits: int) -> None:
+        self.training = torch.ones(n_edits, dtype=torch.bool)
+        self.was_wrong = self.training.clone()
+
+    def ce_edits(self, check: bool) -> torch.Tensor:
+        return torch.arange(self.training.numel()) if check else self.training.nonzero().squeeze(-1)
+
+    def update(self, wrong: torch.Tensor, pushing: torch.Tensor) -> int:
+        now_wrong, now_pushing = wrong.cpu(), pushing.cpu()
+        self.training, self.was_wrong = now_pushing | self.was_wrong, now_wrong
+        return int(now_wrong.sum())
+
+
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
@@ -296,84 +353,58 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
     row_edit: (R,) the edit index of each row, IRRELEVANT / NEAR_MISS otherwise.
-    Per-edit early stopping: every ``check_every`` steps all edits are checked;
-    in between only the edits still wrong at the last check get the cross-entropy
-    (and a forward pass), so a shard gets cheaper as its edits are learned, and the
-    row choice never waits on the device.  ``replay``: earlier edits' mean a aᵀ (merge
-    mode), whose outputs τ must leave alone.  ``known``: the irrelevant rows' recorded
-    activations (see ``record_inputs``).  ``forward`` computes a step (default:
-    ``fast_forward``; the benchmark passes its reference).  Leaves the model as it
-    found it.
+    ``replay``: earlier edits' replay factor (merge mode), whose outputs τ must leave alone.
+    ``known``: the irrelevant rows' recorded activations (see ``record_inputs``).  ``forward``
+    computes a step (default: ``fast_forward``; the benchmark passes its reference).  Stops
+    once every edit is right and every generic irrelevant prompt is below the threshold.
+    Leaves the model as it found it.
     """
     t0 = time.perf_counter()
     dev = base_delta.device
     batch, mask = batch.to(dev), mask.to(dev)
-    row_edit = row_edit.cpu()
-    n_edits = int(row_edit.max()) + 1
-    # Edit rows come first, edit by edit, each edit with the same number of variants.
-    edit_rows = (row_edit >= 0).nonzero().squeeze(-1).view(n_edits, -1)  # (E, V), host
-    irr_rows = (row_edit == IRRELEVANT).nonzero().squeeze(-1)
-    near_rows = (row_edit == NEAR_MISS).nonzero().squeeze(-1)
-    longest_edit_row = int(batch.attention_mask[edit_rows.reshape(-1).to(dev)].sum(-1).max())  # one sync
-    n_variants = variants_per_step(cfg, longest_edit_row)
+    rows = shard_rows(batch, row_edit, cfg)
     tau = torch.zeros_like(base_delta, requires_grad=True)
-    opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum) \
-        if cfg.optimizer == "sgd" else torch.optim.Adam([tau], lr=cfg.learning_rate)
+    opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     rec = record_inputs(model, blocks, mem, layer, batch, known) if forward is None else None
-    run = forward or fast_forward(model, mem, blocks, layer, batch, rec)
+    run = forward or fast_forward(model, mem, blocks, layer, batch, rec, cfg.score_pooling)
     # Near misses share the edit's template, so their max-pooled scores can stay above the
-    # threshold however long τ trains; with the key gate on, the gate rejects them (their
-    # subject's tokens match no key), so only the generic prompts must be separated to stop.
-    n_gate_exempt = near_rows.numel() if cfg.key_gate > 0 else 0
-    # Host side: the edits that get the cross-entropy.  One leaves only once it was
-    # right at two checks in a row, so an edit that just got there is not left to slip.
-    training = torch.ones(n_edits, dtype=torch.bool)
-    was_wrong = training.clone()
+    # threshold however long τ trains; the key gate rejects them, so only the generic
+    # prompts must be separated to stop.
+    n_gate_exempt = rows.near.numel() if cfg.key_gate > 0 else 0
+    state = _Progress(rows.n_edits)
     step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
         check = step % cfg.check_every == 0 or step == cfg.max_steps
-        rows, i_idx = _step_rows(edit_rows, near_rows, irr_rows, cfg, gen, n_variants)
-        ce_edits = torch.arange(n_edits) if check else training.nonzero().squeeze(-1)
-        ce_idx = rows[ce_edits].reshape(-1)
-        delta = base_delta + tau * mask
-        ce, e_scores, i_tokens, i_mask = run(ce_idx, rows.reshape(-1), i_idx, delta)
-        loss = cfg.margin_weight * margin_loss(e_scores, i_tokens, i_mask, cfg.margin_irrelevant,
-                                               cfg.margin_edit, cfg.margin_gap, cfg.score_pooling)
+        step_edits, i_idx = _step_rows(rows.edit, rows.near, rows.irrelevant, cfg, gen, rows.n_variants)
+        ce_edits = state.ce_edits(check)
+        ce, e_scores, i_tokens, i_mask = run(step_edits[ce_edits].reshape(-1), step_edits.reshape(-1),
+                                             i_idx, base_delta + tau * mask)
+        loss = margin_loss(e_scores, i_tokens, i_mask, cfg.margin_irrelevant, cfg.margin_edit,
+                           cfg.margin_gap, cfg.score_pooling)
         if ce is not None:
-            nll, row_ok = ce
-            row_ce_edit = ce_edits.repeat_interleave(rows.shape[1]).to(dev)
-            per_edit = torch.zeros(n_edits, device=dev)
-            wrong = per_edit.index_add(0, row_ce_edit, (~row_ok).float()) > 0
-            # An edit stops contributing once every row is right with some confidence to
-            # spare (mean answer NLL below learned_nll): one stopped right at the boundary
-            # slips back at the next step of its neighbours.  It comes back if it slips.
-            unsure = ~row_ok | (nll.detach() > cfg.learned_nll)
-            pushing = per_edit.index_add(0, row_ce_edit, unsure.float()) > 0
-            weight = pushing[row_ce_edit].float()
-            loss = loss + (nll * weight).sum() / weight.sum().clamp_min(1)
+            ce_loss, wrong, pushing = answer_loss(ce, ce_edits, step_edits.shape[1], rows.n_edits,
+                                                  cfg.learned_nll)
+            loss = loss + ce_loss
         if replay is not None and cfg.replay_weight:
             loss = loss + cfg.replay_weight * replay_penalty(tau * mask, replay) / mem.scale ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if cfg.weight_decay:
-            with torch.no_grad():
-                tau.mul_(1 - cfg.learning_rate * cfg.weight_decay)  # τ is zero off the mask
-        if check:
-            # The only host syncs of the loop, once every check_every steps.
-            now_wrong, now_pushing = wrong.cpu(), pushing.cpu()
-            training, was_wrong = now_pushing | was_wrong, now_wrong
-            loss_val, n_active = float(loss.detach()), int(now_wrong.sum())
-            separated = _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio)
+        if check:  # the only host syncs of the loop
+            n_active, loss_val = state.update(wrong, pushing), float(loss.detach())
             if progress is not None:
                 progress(step, loss_val, n_active)
-            if step >= cfg.min_steps and n_active == 0 and separated:
+            if step >= cfg.min_steps and n_active == 0 and \
+                    _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio):
                 break
-    delta = (tau.detach() * mask).float()
-    rows = edit_rows.reshape(-1).to(dev)
-    return ShardResult(delta=delta, steps=step, loss=loss_val, learned=n_edits - int(was_wrong.sum()),
-                       n_edits=n_edits, seconds=time.perf_counter() - t0,
-                       edit_acts=rec.acts[rows] if rec else None,
-                       edit_mask=batch.query_mask[rows] if rec else None,
-                       edit_attn=batch.attention_mask[rows] if rec else None)
+    return _result(tau, mask, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
+
+
+def _result(tau: torch.Tensor, mask: torch.Tensor, steps: int, loss: float, state: _Progress,
+            rows: ShardRows, rec: Recorded | None, batch: Batch, seconds: float) -> ShardResult:
+    edit_rows = rows.edit.reshape(-1).to(tau.device)
+    return ShardResult(delta=(tau.detach() * mask).float(), steps=steps, loss=loss,
+                       learned=rows.n_edits - int(state.was_wrong.sum()), n_edits=rows.n_edits,
+                       seconds=seconds, edit_acts=rec.acts[edit_rows] if rec else None,
+                       edit_attn=batch.attention_mask[edit_rows] if rec else None)

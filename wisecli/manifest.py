@@ -1,0 +1,135 @@
+"""``wise.json``: what the manifest of a patched checkpoint holds, and how older ones are read.
+
+The file layout and its atomic write are in ``checkpoint.py``; this module owns the
+manifest's content.  Its schema (format 2):
+
+  format_version  2
+  tool            {name, version, torch}: what wrote it
+  base            {origin, model_type, path, embedded, files: {name: sha256}}
+  target          {module_path, layer, n_layers, kind, in_features, out_features}
+  mode            "merge" | "retrieve"
+  config          every WiseConfig field (the settings the memory was trained and is routed with)
+  router          {scale, thresholds, min_edit_scores, n_memories}: a readable copy of the tensors
+  editor          EditorState: prefixes, negatives, shards trained, edits per memory
+  edits           one entry per edit ever applied: id, prompt, target_new, run, shard,
+                  memory, subject, time
+  runs            one entry per `wise edit` run: time, edits_file, n_edits, seconds, device,
+                  dtype, config
+  metrics         the last run's evaluation (or null)
+  tensors         {name: {shape, dtype}} of wise.safetensors
+
+Compatibility: a manifest of any older format is upgraded in ``upgrade`` (one step per
+format version) when it is read, so the rest of the code only ever sees the current one.
+"""
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from . import __version__
+from .config import WiseConfig, from_dict
+from .errors import ConfigError
+from .wise.maths import moment_factor
+
+if TYPE_CHECKING:
+    from .edits import EditRecord
+    from .evaluate import EvalReport
+    from .session import Session
+
+FORMAT_VERSION = 2
+
+# Format 1 grew over releases: a setting added later is missing from the manifests written
+# before it, and those checkpoints were routed as if it were off.
+_V1_ABSENT_MEANS = {"key_gate": 0.0, "coverage_gate": 0.0, "subject_gate": False,
+                    "score_pooling": "mean", "route_by": "closest"}
+
+
+def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Bring a manifest (already checked for its top-level shape) and its tensors to the
+    current format; its config is validated as ``WiseConfig`` on the way (errors name ``where``)."""
+    manifest, tensors = copy.deepcopy(manifest), dict(tensors)
+    if manifest["format_version"] == 1:
+        manifest, tensors = _from_v1(manifest, tensors)
+    try:
+        manifest["config"] = from_dict(manifest.get("config") or {}, where).to_dict()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in 'config')", hint=exc.hint) from None
+    return manifest, tensors
+
+
+def _from_v1(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg = {**_V1_ABSENT_MEANS, **(manifest.get("config") or {})}
+    n_memories = int(tensors["memories"].shape[0]) if "memories" in tensors else 0
+    if cfg["route_by"] == "closest" and (n_memories <= 1 or not cfg["key_gate"]):
+        cfg["route_by"] = "coverage"  # the rule ranks several gated memories; here there are not
+    manifest["config"] = cfg
+    if "replay_cov" in tensors:  # before the factor: the full second moment
+        cov = tensors.pop("replay_cov").float()
+        tensors.setdefault("replay_factor", moment_factor(cov, cov.shape[0]))
+    d_in = int(tensors["basis"].shape[0]) if "basis" in tensors else 0
+    empty = {"edit_keys": torch.zeros(0, d_in, dtype=torch.float16), "key_edit": torch.zeros(0, dtype=torch.long),
+             "key_memory": torch.zeros(0, dtype=torch.long), "replay_factor": torch.zeros(0, 0),
+             "replay_count": torch.zeros(())}
+    for name, value in empty.items():  # before keys and replay
+        tensors.setdefault(name, value)
+    manifest["format_version"] = 2
+    return manifest, tensors
+
+
+def config_of(manifest: dict) -> WiseConfig:
+    return from_dict(manifest["config"], "wise.json")
+
+
+def subjects_of(manifest: dict) -> list[tuple[int, str | None]]:
+    """(memory, subject or None) per edit, in edit order: the subject gate's state."""
+    return [(int(e["memory"]), e.get("subject")) for e in manifest.get("edits", [])
+            if e.get("memory") is not None]
+
+
+def describe(sess: "Session") -> dict:
+    """The tool, the base model and the edited module."""
+    t = sess.target
+    prior = (sess.manifest or {}).get("base", {})
+    return {
+        "tool": {"name": "wise", "version": __version__, "torch": torch.__version__},
+        "base": {"origin": prior.get("origin", sess.origin), "model_type": t.model_type},
+        "target": {"module_path": t.module_path, "layer": t.layer, "n_layers": t.n_layers,
+                   "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features},
+    }
+
+
+def after_run(sess: "Session", cfg: WiseConfig, editor_state: dict, records: Sequence["EditRecord"],
+              placed: list[dict], report: "EvalReport | None", edits_source: str, seconds: float) -> dict:
+    """The manifest after an edit run: the earlier runs' edits plus these.  ``base.path``,
+    ``base.files`` and ``tensors`` are added by ``checkpoint.write_checkpoint``."""
+    prior = sess.manifest or {}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run = len(prior.get("runs", []))
+    by_id = {p["id"]: p for p in placed}
+    applied = list(prior.get("edits", [])) + [
+        {"id": r.id, "prompt": r.prompt, "target_new": r.target_new, "run": run,
+         "shard": by_id[r.id]["shard"], "memory": by_id[r.id].get("memory"),
+         "subject": by_id[r.id].get("subject"), "time": now}
+        for r in records]
+    mem = sess.mem
+    return {
+        **describe(sess),
+        "mode": cfg.mode,
+        "config": cfg.to_dict(),
+        "router": {"scale": float(mem.scale), "thresholds": mem.thresholds.tolist(),
+                   "min_edit_scores": mem.min_edit_scores.tolist(), "n_memories": mem.n_memories},
+        "editor": editor_state,
+        "edits": applied,
+        "runs": list(prior.get("runs", [])) + [{
+            "time": now, "edits_file": edits_source, "n_edits": len(records),
+            "seconds": round(seconds, 2), "device": str(sess.device),
+            "dtype": str(sess.dtype).replace("torch.", ""), "config": cfg.to_dict()}],
+        "metrics": report.to_dict() if report else prior.get("metrics"),
+    }
+
+
+def metrics_summary(manifest: dict) -> dict[str, Any]:
+    return {k: v for k, v in (manifest.get("metrics") or {}).items() if k != "edits"}

@@ -1,0 +1,284 @@
+"""The router: which side memory, if any, answers each prompt of a batch.
+
+WISE's router (paper, Sec. 3.2) sends a prompt through side memory k when its activation
+score ``‖D_k a‖`` clears the threshold learned at edit time, else through the main memory.
+In front of that score we put gates that only ever narrow the choice, because in merge mode
+every merge raises the shared memory's score on all text (DESIGN.md, "Routing"):
+
+* key gate: one prompt token within cosine ``key_gate`` of one of the memory's keys (stored
+  activations of its edits' prompts);
+* coverage gate: one of the memory's edits covered, the mean over its keys of each key's
+  best cosine with a prompt token at least ``coverage_gate``;
+* subject gate: the prompt's text names one of the memory's edits' subjects (edits without
+  a subject keep the key and coverage gates).
+
+The functions are plain tensor maths; ``Router`` holds the routing settings, the per-call
+context that the model-level hook prepares (``RouteContext``) and the decision held while
+generating.  It reads the memory's tensors from the layer (``MemoryBank``) and never
+writes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .maths import activation_score, project_out, scored_tokens
+from .subjects import prompt_texts, subject_open
+
+NO_MEMORY = -1  # route index meaning "main memory"
+# From this many memories (retrieve mode at T=1000 holds 100) D_k a is computed only for the
+# memories the gates leave open, and only the chosen ones are applied: all of them on every
+# token cost more than the base model.  Below it nothing syncs with the host, which a GPU prefers.
+SELECTIVE_FROM = 8
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the router decides; derived from ``WiseConfig`` by ``from_config``, nowhere else."""
+
+    pooling: str          # "max" or "mean" (the paper's) over the prompt's token scores
+    hold: bool            # keep the prompt's decision for generated tokens
+    key_gate: float       # 0: off
+    coverage_gate: float  # 0: off (and off whenever key_gate is)
+    subject_gate: bool
+
+    @classmethod
+    def plain(cls) -> "RouterConfig":
+        """The paper's router, scores alone: what a layer routes by before it is configured."""
+        return cls(pooling="mean", hold=True, key_gate=0.0, coverage_gate=0.0, subject_gate=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "RouterConfig":  # cfg: wisecli.config.WiseConfig
+        return cls(pooling=cfg.score_pooling, hold=cfg.hold_routing, key_gate=cfg.key_gate,
+                   coverage_gate=cfg.coverage_gate, subject_gate=cfg.subject_gate)
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What one model call tells the router beyond the layer's input, prepared once per call.
+
+    token_mask (B, T): the tokens a score reads (the prompt; never padding, nor a
+    teacher-forced answer); decoding: a generation step after the prompt; named (K, B) /
+    keyed (K,): the subject gate's answer for this call's prompts (``subjects.subject_open``),
+    None when the gate has nothing to say.
+    """
+
+    token_mask: torch.Tensor | None = None
+    decoding: bool = False
+    named: torch.Tensor | None = None
+    keyed: torch.Tensor | None = None
+
+    def mask_for(self, t: int) -> torch.Tensor | None:
+        """The mask over the last ``t`` positions (a decode step sees one new token)."""
+        m = self.token_mask
+        if m is None:
+            return None
+        return m[:, -t:] if m.shape[1] >= t else None
+
+
+class MemoryBank(Protocol):
+    """The side-memory tensors the router reads (``SideMemoryLayer`` buffers)."""
+
+    memories: torch.Tensor
+    thresholds: torch.Tensor
+    scale: torch.Tensor
+    basis: torch.Tensor
+    edit_keys: torch.Tensor
+    key_edit: torch.Tensor
+    key_memory: torch.Tensor
+    edit_subjects: list[tuple[int, str | None]]
+
+    @property
+    def n_memories(self) -> int: ...
+
+
+# ---- the maths ------------------------------------------------------------------------------
+
+def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor,
+                  rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-1 routing: per example, the memory that clears its threshold by the widest factor.
+
+    scores: (K, B); thresholds: (K,).  Returns (B,) long, NO_MEMORY where none clears.
+    Compared by score / threshold, not raw score: each memory's scores live on their own
+    scale, and the raw maximum sent edits to the wrong memory (ZsRE T=100 retrieve: rel 0.60).
+    ``rank`` (K, B), when given, orders the memories that clear instead (key coverage).
+    No ``.item()``: it batches and never stalls a GPU.
+    """
+    if scores.shape[0] == 0:
+        return torch.full(scores.shape[1:], NO_MEMORY, dtype=torch.long, device=scores.device)
+    above = scores > thresholds[:, None]
+    if rank is None:
+        rank = scores / thresholds.clamp_min(1e-6)[:, None]
+    masked = torch.where(above, rank.to(scores.dtype), torch.full_like(scores, float("-inf")))
+    best = masked.argmax(dim=0)
+    return torch.where(above.any(dim=0), best, torch.full_like(best, NO_MEMORY))
+
+
+def key_similarity(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
+                   key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
+    """Per memory, the best cosine between any scored token of a prompt and any of its keys.
+
+    acts: (B, T, d_in) projected activations; keys: (M, d_in) unit-norm, projected alike;
+    key_memory: (M,).  Returns (K, B), -1 for a memory with no key.  Unlike ‖D a‖ this does
+    not grow as a merged memory takes in edits: a key is fixed when its edit is made.
+    """
+    return _per_memory(_best_token(acts, token_mask, keys), key_memory, n_memories)
+
+
+def key_coverage(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
+                 key_edit: torch.Tensor, key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
+    """Per memory, the best over its edits of the mean over the edit's keys of each key's best
+    cosine with a prompt token.  The single closest key is often a word another edit shares;
+    a rephrase matches most of its own edit's keys.  Returns (K, B)."""
+    return key_match(acts, token_mask, keys, key_memory, n_memories, edit_index(key_edit))[1]
+
+
+def edit_index(key_edit: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each key's edit renumbered 0..E-1, and E.  Worth caching: ``torch.unique`` syncs a GPU."""
+    edits, owner = torch.unique(key_edit, return_inverse=True)
+    return owner, edits.numel()
+
+
+def key_match(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor,
+              key_memory: torch.Tensor, n_memories: int,
+              edit_owner: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key_similarity`` and, given ``edit_owner``, ``key_coverage``, from one token-by-key
+    product.  Without ``edit_owner`` the second tensor is the first."""
+    best = _best_token(acts, token_mask, keys)  # (B, M)
+    sims = _per_memory(best, key_memory, n_memories)
+    if edit_owner is None:
+        return sims, sims
+    owner, n_edits = edit_owner
+    index = owner[None].expand(best.shape[0], -1)
+    per_edit = torch.zeros(best.shape[0], n_edits, device=best.device).scatter_reduce(
+        1, index, best, reduce="mean", include_self=False)
+    return sims, _per_memory(per_edit.gather(1, index), key_memory, n_memories)
+
+
+def _best_token(acts: torch.Tensor, token_mask: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """(B, M): each key's best cosine with a scored token of each prompt."""
+    sim = F.normalize(acts.float(), dim=-1) @ keys.float().T  # (B, T, M)
+    m = scored_tokens(token_mask, sim[..., 0])
+    return sim.masked_fill(m[..., None] == 0, -1.0).amax(dim=1)
+
+
+def _per_memory(per_key: torch.Tensor, key_memory: torch.Tensor, n_memories: int) -> torch.Tensor:
+    """(B, M) values per key -> (K, B), the largest over each memory's keys."""
+    out = torch.full((n_memories, per_key.shape[0]), -1.0, device=per_key.device)
+    index = key_memory[:, None].expand(-1, per_key.shape[0])
+    return out.scatter_reduce(0, index, per_key.T, reduce="amax", include_self=True)
+
+
+def route_names(route: torch.Tensor) -> list[str]:
+    return ["main" if int(r) == NO_MEMORY else f"side[{int(r)}]" for r in route.tolist()]
+
+
+# ---- the router -----------------------------------------------------------------------------
+
+DeltaOut = Callable[[int], torch.Tensor]  # k -> D_k a for this call's input, (B, T, d_out)
+
+
+class Router:
+    """Routing settings, the per-call context, and the decision of the last prompt."""
+
+    def __init__(self, cfg: RouterConfig, decode: Callable[[list[int]], str] | None = None) -> None:
+        self.cfg = cfg
+        self.decode = decode  # the tokenizer's, for the subject gate; None: keys decide
+        self.held: torch.Tensor | None = None         # (B,) the prompt's route, kept while decoding
+        self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
+        self.last_scores: torch.Tensor | None = None  # (K, B) gated scores of the last decision
+        self._prompt_named: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._unit_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
+
+    def configure(self, cfg: RouterConfig) -> None:
+        self.cfg, self.held, self._prompt_named = cfg, None, None
+
+    # ---- per call ----------------------------------------------------------------------------
+    def context(self, input_ids: torch.Tensor | None, token_mask: torch.Tensor | None,
+                decoding: bool, bank: MemoryBank | None) -> RouteContext:
+        """The call's context; ``bank`` None when nothing will be routed (training, no
+        memories), so no text is decoded.  A decode step keeps the prompt's subject answer:
+        one new token names nothing."""
+        self.last_route = None
+        named = None
+        if bank is not None and self.cfg.subject_gate and bank.edit_subjects and self.decode is not None:
+            batch = next((t.shape[0] for t in (input_ids, token_mask) if t is not None), None)
+            kept = self._prompt_named
+            if decoding and kept is not None and kept[0].shape[1] == batch:
+                named = kept
+            elif input_ids is not None:
+                texts = prompt_texts(input_ids, token_mask, self.decode)
+                found, keyed = subject_open(texts, bank.edit_subjects, bank.n_memories)
+                dev = bank.memories.device
+                named = self._prompt_named = (found.to(dev), keyed.to(dev))
+        return RouteContext(token_mask, decoding, *(named or (None, None)))
+
+    def route(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
+        """(B,) memory index per example, NO_MEMORY for the main memory."""
+        held = self.held
+        if ctx.decoding and self.cfg.hold and held is not None and held.shape[0] == a32.shape[0]:
+            route = held
+        else:
+            route = self.held = self._decide(a32, ctx, bank, delta_out)
+        self.last_route = route
+        return route
+
+    def _decide(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
+        mask = ctx.mask_for(a32.shape[1])
+        open_, rank = self._key_gates(a32, mask, bank)
+        named = ctx.named if ctx.named is not None and ctx.named.shape[1] == a32.shape[0] else None
+        if named is not None:  # the subject gate; the key gates only for edits without a subject
+            key_open = open_ if open_ is not None else torch.ones_like(named)
+            open_ = named | (ctx.keyed[:, None] & key_open)
+        scores = self._scores(a32.shape[0], mask, open_, bank, delta_out)
+        self.last_scores = scores
+        return choose_memory(scores, bank.thresholds, rank)
+
+    def _key_gates(self, a32: torch.Tensor, mask: torch.Tensor | None,
+                   bank: MemoryBank) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K, B) memories the key and coverage gates leave open, and what ranks them (key
+        coverage with several memories); (None, None) when the key gate is off."""
+        cfg = self.cfg
+        if cfg.key_gate <= 0 or bank.edit_keys.shape[0] == 0:
+            return None, None
+        by_cover = bank.n_memories > 1
+        owner = self._owner(bank) if by_cover or cfg.coverage_gate > 0 else None
+        sims, cover = key_match(project_out(a32, bank.basis), mask, self._keys(bank), bank.key_memory,
+                                bank.n_memories, owner)
+        open_ = sims >= cfg.key_gate
+        if cfg.coverage_gate > 0:
+            open_ = open_ & (cover >= cfg.coverage_gate)
+        return open_, (cover if by_cover else sims)
+
+    def _scores(self, batch: int, mask: torch.Tensor | None, open_: torch.Tensor | None,
+                bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
+        """(K, B) scores in units of ``scale``, zero where a gate is shut."""
+        k_all = bank.n_memories
+        candidates: Sequence[int] = range(k_all)
+        if k_all >= SELECTIVE_FROM and open_ is not None:  # a shut memory scores 0 anyway
+            candidates = open_.any(dim=1).nonzero().flatten().tolist()
+        scores = torch.zeros(k_all, batch, device=bank.memories.device)
+        for k in candidates:
+            scores[k] = activation_score(delta_out(k), mask, self.cfg.pooling) / bank.scale
+        if open_ is not None:
+            scores = torch.where(open_, scores, torch.zeros_like(scores))
+        return scores
+
+    # ---- caches of what the keys give, rebuilt when a merge replaces the tensors -------------
+    def _keys(self, bank: MemoryBank) -> torch.Tensor:
+        """The keys as the gate reads them: projected like the activations, unit norm."""
+        c = self._unit_keys
+        if c is None or c[0] is not bank.edit_keys or c[1] is not bank.basis:
+            unit = F.normalize(project_out(bank.edit_keys.float(), bank.basis), dim=-1)
+            c = self._unit_keys = (bank.edit_keys, bank.basis, unit)
+        return c[2]
+
+    def _owner(self, bank: MemoryBank) -> tuple[torch.Tensor, int]:
+        c = self._edit_owner
+        if c is None or c[0] is not bank.key_edit:
+            c = self._edit_owner = (bank.key_edit, edit_index(bank.key_edit))
+        return c[1]
