@@ -3,7 +3,7 @@
 WISE's router (paper, Sec. 3.2) sends a prompt through side memory k when its activation
 score ``‖D_k a‖`` clears the threshold learned at edit time, else through the main memory.
 In front of that score we put gates that only ever narrow the choice, because in merge mode
-every merge raises the shared memory's score on all text (DESIGN.md, "Routing"):
+every merge raises the shared memory's score on all text (docs/experiments.md, "The key gate"):
 
 * key gate: one prompt token within cosine ``key_gate`` of one of the memory's keys (stored
   activations of its edits' prompts);

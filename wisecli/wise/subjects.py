@@ -6,7 +6,7 @@ depends on its context.  A rephrase that moves the subject ("Australia's capital
 is" for "The capital of Australia is") matches none of the edit's keys, while a prompt in
 the edit's template about another subject ("The capital of Canada is") matches the
 template's.  The subject's name is what a rephrase keeps and a near miss changes, so the
-gate reads it from the prompt's text.  Measured on trained states in DESIGN.md, "Subject
+gate reads it from the prompt's text.  Measured on trained states in docs/experiments.md, "The subject
 gate".  Edits without a subject found in their prompt keep the key gate.
 """
 from __future__ import annotations
