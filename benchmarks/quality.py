@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wisecli.edits import load_edits
-from wisecli.evaluate import evaluate
+from wisecli.metrics import evaluate
 from wisecli.pipeline import EditOptions, Silent, edit
 from wisecli.session import open_model
 

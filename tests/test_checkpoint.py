@@ -52,8 +52,13 @@ def test_round_trip_bit_exact(base, tmp_path):
     assert m == manifest()  # caller's dict untouched
     assert ck.is_patched(out) and not ck.is_patched(base)
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "tokenizer.json", "model.safetensors", ck.WEIGHTS_NAME, ck.MANIFEST_NAME}
+        "config.json", "tokenizer.json", "model.safetensors", ck.WEIGHTS_NAME, ck.MANIFEST_NAME,
+        "modeling_wise.py"}
     assert (out / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
+    # the base's config is nested, never at the top where a loader would take it for the base
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "wise_patched" and config["base_config"] == {"model_type": "llama", "hidden_size": 8}
+    assert ck.base_config(out) == ck.base_config(base)
 
     cp = ck.read_checkpoint(out)
     assert cp.path == out and cp.base_dir == out
@@ -77,7 +82,7 @@ def test_patch_only_references_base(base, tmp_path):
     steps: list[str] = []
     ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={}, patch_only=True,
                         progress=steps.append)
-    assert not list(out.glob("model*")) and (out / "config.json").is_file()
+    assert not list(out.glob("model*.safetensors")) and (out / "config.json").is_file()
     assert "hashing model.safetensors" in steps
     cp = ck.read_checkpoint(out)
     assert cp.base_dir == base.resolve() and cp.manifest["base"]["embedded"] is False

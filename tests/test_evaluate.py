@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from wisecli.edits import EditRecord
-from wisecli.evaluate import EvalReport, evaluate, normalise, starts_with_target
+from wisecli.metrics import EvalReport, evaluate, normalise, starts_with_target
 from wisecli.models import set_module
 from wisecli.report import eval_markdown, eval_table, fmt, summary_table
 from wisecli.wise.memory import SideMemoryLayer, install

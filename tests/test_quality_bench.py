@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wisecli.edits import load_edits
-from wisecli.evaluate import evaluate
+from wisecli.metrics import evaluate
 from wisecli.session import open_model
 
 from conftest import EDITS, MORE_EDITS, write_jsonl

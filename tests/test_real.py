@@ -135,3 +135,41 @@ def test_fast_training_path_equals_full_forward_on_smollm2() -> None:
     assert fast.delta.norm() > 0 and fast.steps == full.steps == 3
     assert ((fast.delta - full.delta).norm() / full.delta.norm()).item() <= 1e-3
     assert fast.loss == pytest.approx(full.loss, rel=1e-3)
+
+
+def test_plain_transformers_gets_the_edits_only_with_remote_code(batches: dict[str, Path]) -> None:
+    """smollm2 patched twice: plain from_pretrained refuses; with trust_remote_code the model
+    answers the edit, keeps an unedited fact, and gives wise's logits under the chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wisecli.session import open_model
+    path = str(batches["patched_b"])
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tok.padding_side = "left"
+    enc = tok(["The capital of Australia is", "The capital of Canada is"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert texts[0].strip().startswith("Perth") and "Ottawa" in texts[1], texts
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Australia?"}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    sess = open_model(path, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(**chat).logits, sess.model(**chat).logits)
+
+
+def test_python_api_loads_the_patched_model_for_a_pipeline(batches: dict[str, Path]) -> None:
+    from transformers import pipeline
+
+    import wisecli
+    model, tok = wisecli.load(batches["patched_b"], device="cpu")
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    out = pipe(["The capital of Australia is", "Tokyo is the capital of"], max_new_tokens=4, do_sample=False,
+               return_full_text=False)
+    assert out[0][0]["generated_text"].strip().startswith("Perth"), out
+    report = wisecli.evaluate(model, batches["b"], tokenizer=tok, generate=False)
+    assert report.reliability >= 0.9

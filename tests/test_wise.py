@@ -15,7 +15,7 @@ import torch
 from wisecli.checkpoint import write_checkpoint
 from wisecli.config import WiseConfig
 from wisecli.edits import EditRecord
-from wisecli.evaluate import evaluate
+from wisecli.metrics import evaluate
 from wisecli.manifest import after_run, upgrade
 from wisecli.models import load_model
 from wisecli.session import editor_state, open_model, resolve_config

@@ -35,7 +35,9 @@ from typing import Callable
 import safetensors.torch
 import torch
 
+from wisecli.bundle import modeling_source
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
+from wisecli.hf_remote import MODELING_FILE, PATCHED_ARCHITECTURE, PATCHED_MODEL_TYPE
 from wisecli.manifest import FORMAT_VERSION, upgrade
 WEIGHTS_NAME = "wise.safetensors"
 MANIFEST_NAME = "wise.json"
@@ -171,8 +173,48 @@ def base_aux_files(model_dir: Path) -> list[Path]:
     return [Path(model_dir) / n for n in _AUX_NAMES if (Path(model_dir) / n).is_file()]
 
 
+def _write_aux(tmp: Path, base_dir: Path, weights: list[Path], report: Progress) -> None:
+    """The base's tokenizer files (and weights unless patch-only), the patched config.json
+    and the modeling file it names."""
+    config = patched_config(base_config(base_dir))
+    for f in base_aux_files(base_dir) + weights:
+        if f.name != "config.json":
+            _place(f, tmp / f.name, report)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / MODELING_FILE).write_text(modeling_source())
+
+
 def is_patched(path: Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def base_config(model_dir: Path) -> dict:
+    """The base model's config.json as a dict; a patched directory nests it (``patched_config``)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable config ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    if data.get("model_type") == PATCHED_MODEL_TYPE:
+        nested = data.get("base_config")
+        if not isinstance(nested, dict) or "model_type" not in nested:
+            raise CheckpointError(f"{path}: a patched config without its 'base_config'")
+        return nested
+    return data
+
+
+def patched_config(base: dict) -> dict:
+    """config.json of a patched checkpoint.  The base's config is nested, not at the top, so
+    that no loader takes the directory for the base architecture and silently gives the
+    unedited model: transformers needs ``trust_remote_code=True`` (``hf_remote.py``), other
+    tools stop."""
+    module = MODELING_FILE.removesuffix(".py")
+    return {"architectures": [PATCHED_ARCHITECTURE], "model_type": PATCHED_MODEL_TYPE,
+            "auto_map": {"AutoConfig": f"{module}.WisePatchedConfig",
+                         "AutoModelForCausalLM": f"{module}.{PATCHED_ARCHITECTURE}"},
+            "base_config": base}
 
 
 def _weights_dir(base_dir: Path) -> Path:
@@ -276,8 +318,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for f in base_aux_files(base_dir) + ([] if patch_only else weights):
-            _place(f, tmp / f.name, report)
+        _write_aux(tmp, base_dir, [] if patch_only else weights, report)
         report(f"writing {WEIGHTS_NAME}")
         # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
         safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}

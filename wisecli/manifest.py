@@ -36,7 +36,7 @@ from .wise.maths import moment_factor
 
 if TYPE_CHECKING:
     from .edits import EditRecord
-    from .evaluate import EvalReport
+    from .metrics import EvalReport
     from .session import Session
 
 FORMAT_VERSION = 2

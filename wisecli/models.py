@@ -10,6 +10,7 @@ Alias and GGUF conversion, and the cache, live in ``wisecli.aliases``.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,9 +107,12 @@ def load_model(
     else:
         raise DeviceError(f"unknown --device-map '{device_map}'", hint="use auto (or omit it)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        # Never code from a checkpoint: a patched directory's config only nests the base's.
+        given = {"config": config} if (config := _patched_base_config(Path(model_dir))) else {}
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, **given)
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, low_cpu_mem_usage=True, device_map=placement
+            str(model_dir), dtype=dtype, low_cpu_mem_usage=True, device_map=placement,
+            trust_remote_code=False, **given
         )
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError(f"{model_dir}: out of GPU memory while loading",
@@ -119,6 +123,17 @@ def load_model(
     model.requires_grad_(False)
     _set_padding(model, tok, model_dir)
     return model, tok
+
+
+def _patched_base_config(model_dir: Path):
+    """The base architecture's config when ``model_dir`` holds a patched config.json, else
+    None (a plain checkpoint: transformers reads its config itself, and reports a bad one)."""
+    from wisecli.hf_remote import PATCHED_MODEL_TYPE, base_config_of
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base_config_of(str(model_dir)) if model_type == PATCHED_MODEL_TYPE else None
 
 
 def _set_padding(model: PreTrainedModel, tok: PreTrainedTokenizerBase, model_dir: Path) -> None:

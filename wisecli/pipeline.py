@@ -16,7 +16,7 @@ from .checkpoint import write_checkpoint
 from .config import WiseConfig
 from .edits import EditRecord, load_edits, load_prompts
 from .errors import OutputExistsError
-from .evaluate import EvalReport, evaluate
+from .metrics import EvalReport, evaluate
 from .manifest import after_run
 from .session import Session, editor_state, open_model, resolve_config
 from .wise.editor import WiseEditor

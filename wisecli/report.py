@@ -12,7 +12,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from .evaluate import EvalReport, EditResult
+from .metrics import EvalReport, EditResult
 
 MISSING = "—"
 TEXT_WIDTH = 40  # generated text is cut to this many characters in tables

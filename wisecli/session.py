@@ -7,7 +7,7 @@ loads checkpoints the same way and checks them the same way.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,10 +18,10 @@ from .checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
 from .config import WiseConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .manifest import config_of, subjects_of
-from .models import (FFNTarget, count_layers, get_module, load_model, locate_ffn_out, pick_device, pick_dtype,
-                     resolve_base, set_module)
+from .hf_remote import attach_layer
+from .models import FFNTarget, count_layers, get_module, load_model, locate_ffn_out, pick_device, pick_dtype, resolve_base
 from .wise.editor import EditorState
-from .wise.memory import SideMemoryLayer, install
+from .wise.memory import SideMemoryLayer
 from .wise.router import RouterConfig
 
 
@@ -41,13 +41,10 @@ class Session:
 
 
 def attach(model: nn.Module, target: FFNTarget, tokenizer: Any = None) -> SideMemoryLayer:
-    """Swap the FFN output projection for a SideMemoryLayer wrapping it (peft-style)."""
-    base = get_module(model, target.module_path)
+    """Swap the FFN output projection for a SideMemoryLayer wrapping it (peft-style), as
+    plain transformers does for a patched checkpoint (``hf_remote.attach_layer``)."""
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
-    mem = SideMemoryLayer(base, target.kind, target.in_features, target.out_features, decode=decode)
-    set_module(model, target.module_path, mem)
-    install(model, mem)
-    return mem
+    return attach_layer(model, asdict(target), decode)
 
 
 def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",

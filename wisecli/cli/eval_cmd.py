@@ -8,7 +8,7 @@ import typer
 
 from ..edits import load_edits, load_prompts
 from ..errors import GateFailed
-from ..evaluate import evaluate
+from ..metrics import evaluate
 from ..report import eval_markdown, eval_table
 from ..session import open_model
 from . import console

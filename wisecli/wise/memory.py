@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .maths import pool_scores, project_out, token_scores
-from . import router as _router
-from .router import NO_MEMORY, RouteContext, Router, RouterConfig
+from .router import RouteContext, Router, RouterConfig
 
 # Buffers every checkpoint holds, and their dtypes (the rest are float32).
 STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
@@ -196,12 +195,9 @@ class SideMemoryLayer(nn.Module):
         return out + delta_out.to(out.dtype)
 
     def _apply(self, route: torch.Tensor, delta_out: "_Outputs", out: torch.Tensor) -> torch.Tensor:
-        """Σ_k [route == k] D_k a, float32; with many memories only those some row takes."""
-        used: Sequence[int] = range(self.n_memories)
-        if self.n_memories >= _router.SELECTIVE_FROM:  # one sync, no K-fold matmul
-            used = [k for k in route.unique().tolist() if k != NO_MEMORY]
+        """Σ_k [route == k] D_k a, float32."""
         extra = torch.zeros_like(out, dtype=torch.float32)
-        for k in used:
+        for k in self.router.applied(route, self.n_memories):
             extra = extra + (route == k).to(torch.float32)[:, None, None] * delta_out(k)
         return extra
 

@@ -268,6 +268,13 @@ class Router:
             scores = torch.where(open_, scores, torch.zeros_like(scores))
         return scores
 
+    def applied(self, route: torch.Tensor, n_memories: int) -> Sequence[int]:
+        """The memories whose output the layer adds: all of them (no host sync), or from
+        SELECTIVE_FROM on only those some row is routed to (one sync, no K-fold matmul)."""
+        if n_memories < SELECTIVE_FROM:
+            return range(n_memories)
+        return [k for k in route.unique().tolist() if k != NO_MEMORY]
+
     # ---- caches of what the keys give, rebuilt when a merge replaces the tensors -------------
     def _keys(self, bank: MemoryBank) -> torch.Tensor:
         """The keys as the gate reads them: projected like the activations, unit norm."""
