@@ -49,7 +49,8 @@ def test_patch_only_writes_no_weights_and_evaluates(tmp_path, files, tiny_llama_
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" not in names and {"wise.json", "wise.safetensors", "config.json"} <= names
     base = json.loads((out / "wise.json").read_text())["base"]
-    assert base["embedded"] is False and Path(base["path"]) == tiny_llama_dir.resolve()
+    assert base["embedded"] is False and not Path(base["path"]).is_absolute()  # relative to the checkpoint
+    assert (out / base["path"]).resolve() == tiny_llama_dir.resolve()
     code, res = invoke("eval", out, files["edits"], "--json", "--no-generate")
     assert code == 0, res.output
     report = json.loads(res.stdout)

@@ -203,7 +203,7 @@ def test_internal_error_is_one_plain_line_with_its_own_exit_code(patched, monkey
     def broken(*_a, **_k):
         raise KeyError("target [red]x[/red]")
 
-    monkeypatch.setattr(info_cmd, "read_checkpoint", broken)
+    monkeypatch.setattr(info_cmd, "read_patched", broken)
     code, out, err = run_main(monkeypatch, capsys, "info", patched[0])
     assert code == 4 and out == ""
     assert error_line(err) == "error: internal error: KeyError: 'target [red]x[/red]'"

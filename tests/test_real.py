@@ -173,3 +173,19 @@ def test_python_api_loads_the_patched_model_for_a_pipeline(batches: dict[str, Pa
     assert out[0][0]["generated_text"].strip().startswith("Perth"), out
     report = wisecli.evaluate(model, batches["b"], tokenizer=tok, generate=False)
     assert report.reliability >= 0.9
+
+
+def test_a_moved_patch_only_checkpoint_finds_its_base_by_alias(batches: dict[str, Path]) -> None:
+    """A patch-only checkpoint of the built-in alias, moved away from where its relative base
+    path pointed: the recorded alias finds the base again (verified by hash)."""
+    d = batches["dir"]
+    one = d / "one.jsonl"
+    one.write_text(EXAMPLES.read_text().splitlines()[0] + "\n")
+    wise("edit", "smollm2-135m", str(one), "-o", str(d / "p" / "patch"), "--patch-only", "--no-eval", "--device", "cpu")
+    manifest = json.loads((d / "p" / "patch" / "wise.json").read_text())
+    assert manifest["base"]["alias"] == "smollm2-135m" and not Path(manifest["base"]["path"]).is_absolute()
+    moved = d / "deeper" / "still" / "patch"
+    moved.parent.mkdir(parents=True)
+    (d / "p" / "patch").rename(moved)
+    result = wise("eval", str(moved), str(one), "--device", "cpu")
+    assert result["reliability"] >= 0.9

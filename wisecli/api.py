@@ -26,10 +26,12 @@ from .wise.memory import SideMemoryLayer
 
 
 def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "auto",
-         device_map: str | None = None) -> tuple[nn.Module, Any]:
+         device_map: str | None = None, base: str | Path | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for MODEL as the CLI takes it: an alias, an HF directory, a .gguf
-    file, or a patched checkpoint (its edits applied).  The tokenizer pads on the left."""
-    sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map)
+    file, or a patched checkpoint (its edits applied; ``base`` where a patch-only one's base
+    is, when moved).  The tokenizer pads on the left."""
+    sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
+                      base=str(base) if base is not None else None)
     sess.model.save_pretrained = _refuse_save  # its state dict is not a loadable checkpoint
     return sess.model, sess.tokenizer
 
@@ -45,7 +47,7 @@ def edit(model: str | Path, edits: str | Path | Sequence[EditRecord], output: st
 
 def evaluate(model: str | Path | nn.Module, edits: str | Path | Sequence[EditRecord], *, tokenizer: Any = None,
              locality: str | Path | None = None, generate: bool = True, batch_size: int = 16,
-             device: str = "auto", dtype: str = "auto") -> EvalReport:
+             device: str = "auto", dtype: str = "auto", base: str | Path | None = None) -> EvalReport:
     """``wise eval``'s figures for ``edits`` on ``model``: a path or alias, or a model from
     ``load`` with its ``tokenizer``."""
     records = list(edits) if not isinstance(edits, (str, Path)) else load_edits(Path(edits))
@@ -55,7 +57,7 @@ def evaluate(model: str | Path | nn.Module, edits: str | Path | Sequence[EditRec
             raise TypeError("evaluate(model, ...) with a loaded model needs its tokenizer=")
         mem = next((m for m in model.modules() if isinstance(m, SideMemoryLayer)), None)
     else:
-        sess = open_model(str(model), device=device, dtype=dtype)
+        sess = open_model(str(model), device=device, dtype=dtype, base=str(base) if base is not None else None)
         model, tokenizer, mem = sess.model, sess.tokenizer, sess.mem
     mem = mem if mem is not None and mem.n_memories else None  # an unedited model is local by definition
     return _evaluate(model, tokenizer, mem, records, extra_locality=extra, batch_size=batch_size,

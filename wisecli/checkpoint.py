@@ -224,7 +224,7 @@ def _weights_dir(base_dir: Path) -> Path:
         return base_dir
     try:
         base = json.loads((base_dir / MANIFEST_NAME).read_text())["base"]
-        return base_dir if base["embedded"] else Path(base["path"])
+        return base_dir if base["embedded"] else (base_dir / base["path"]).resolve()
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{base_dir / MANIFEST_NAME}: unreadable manifest ({e})") from e
 
@@ -263,12 +263,15 @@ def _place(src: Path, dst: Path, report: Progress) -> None:
         shutil.copy2(src, dst)
 
 
-def _full_manifest(manifest: dict, base_path: Path, files: dict[str, str],
+def _full_manifest(manifest: dict, out: Path, base_path: Path, files: dict[str, str],
                    tensors: dict[str, torch.Tensor], embedded: bool) -> dict:
+    """``base.path`` is where the base weights are, relative to the checkpoint: ``.`` when
+    embedded, so a checkpoint moved together with its base still finds it."""
     full = {"format_version": FORMAT_VERSION}
     full.update((k, copy.deepcopy(v)) for k, v in manifest.items() if k != "format_version")
     base = dict(full.get("base") or {})
-    base.update(path=str(base_path.resolve()), embedded=embedded, files=files)
+    where = "." if embedded else os.path.relpath(base_path.resolve(), out.resolve())
+    base.update(path=where, embedded=embedded, files=files)
     full["base"] = base
     full["tensors"] = {name: {"shape": list(t.shape), "dtype": _dtype_name(t)}
                        for name, t in tensors.items()}
@@ -311,8 +314,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     for f in weights:
         report(f"hashing {f.name}")
         files[f.name] = sha256_file_cached(f)
-    full = _full_manifest(manifest, weights_dir if patch_only else base_dir, files,
-                          tensors, embedded=not patch_only)
+    full = _full_manifest(manifest, out, weights_dir, files, tensors, embedded=not patch_only)
     text = json.dumps(full, indent=2, sort_keys=False) + "\n"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,9 +403,11 @@ def _verify_base(path: Path, base_dir: Path, files: dict[str, str]) -> None:
     """The side memory was trained against these exact weights; on any other base it
     would route and correct wrongly without any visible error."""
     mf = path / MANIFEST_NAME
+    if not files:
+        raise CheckpointError(f"{mf}: 'base.files' is empty: nothing to verify the base weights against")
     if not base_dir.is_dir():
         raise CheckpointError(f"{base_dir}: base model recorded in {mf} not found",
-                              hint="restore the base model at that path, or write the patch without --patch-only")
+                              hint="pass --base PATH|ALIAS, or restore the base model at that path")
     for name, want in files.items():
         f = base_dir / name
         if not f.is_file():
@@ -413,15 +417,51 @@ def _verify_base(path: Path, base_dir: Path, files: dict[str, str]) -> None:
             raise CheckpointError(f"{f}: SHA-256 does not match the base recorded in {mf}", hint=_STALE_HINT)
 
 
-def read_checkpoint(path: Path, *, verify: bool = True) -> PatchedCheckpoint:
+def read_checkpoint(path: Path, *, verify: bool = True, base: Path | None = None,
+                    elsewhere: Callable[[dict], list[Path]] | None = None) -> PatchedCheckpoint:
     """Load and check a patched checkpoint; ``verify=False`` skips hashing the base
-    (for inspecting a manifest when the base is elsewhere or slow to read)."""
+    (for inspecting a manifest when the base is elsewhere or slow to read).
+
+    A patch-only checkpoint's base is, in order: ``base`` (the user's ``--base``), the
+    recorded path (relative to the checkpoint), then the directories ``elsewhere(manifest's
+    base)`` offers (its recorded alias, cached models) whose weights match the recorded
+    SHA-256 — always verified by hash before use.
+    """
     path = Path(path)
     manifest = _read_manifest(path)
     tensors = _load_tensors(path, manifest["tensors"])
     manifest, tensors = upgrade(manifest, tensors, str(path / MANIFEST_NAME))
-    base = manifest["base"]
-    base_dir = path if base["embedded"] else Path(base["path"])
-    if verify:
-        _verify_base(path, base_dir, base["files"])
+    meta = manifest["base"]
+    if meta["embedded"]:
+        if base is not None:
+            raise CheckpointError(f"{path}: --base is for --patch-only checkpoints; this one holds its base weights")
+        if verify:
+            _verify_base(path, path, meta["files"])
+        base_dir = path
+    else:
+        base_dir = _locate_base(path, meta, base, verify, elsewhere)
     return PatchedCheckpoint(path=path, manifest=manifest, tensors=tensors, base_dir=base_dir)
+
+
+def _locate_base(path: Path, meta: dict, given: Path | None, verify: bool,
+                 elsewhere: Callable[[dict], list[Path]] | None) -> Path:
+    """The user's base, else the recorded one, else the first other candidate whose weights
+    are the recorded ones; the recorded path's own error when none is."""
+    if given is not None:
+        if verify:
+            _verify_base(path, Path(given), meta["files"])
+        return Path(given)
+    recorded = (path / meta["path"]).resolve()  # relative to the checkpoint (format 1: absolute)
+    if not verify:
+        return recorded
+    try:
+        _verify_base(path, recorded, meta["files"])
+        return recorded
+    except CheckpointError as exc:
+        for candidate in (elsewhere(meta) if elsewhere else []):
+            try:
+                _verify_base(path, candidate, meta["files"])
+                return candidate
+            except CheckpointError:
+                continue
+        raise exc

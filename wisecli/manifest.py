@@ -5,7 +5,9 @@ manifest's content.  Its schema (format 2):
 
   format_version  2
   tool            {name, version, torch}: what wrote it
-  base            {origin, model_type, path, embedded, files: {name: sha256}}
+  base            {origin, alias (when a built-in alias), model_type, path (where the base
+                  weights are, relative to the checkpoint: "." when embedded), embedded,
+                  files: {name: sha256}}
   target          {module_path, layer, n_layers, kind, in_features, out_features}
   mode            "merge" | "retrieve"
   config          every WiseConfig field (the settings the memory was trained and is routed with)
@@ -93,9 +95,12 @@ def describe(sess: "Session") -> dict:
     """The tool, the base model and the edited module."""
     t = sess.target
     prior = (sess.manifest or {}).get("base", {})
+    base = {"origin": prior.get("origin", sess.origin), "model_type": t.model_type}
+    if prior.get("alias", sess.alias):
+        base["alias"] = prior.get("alias", sess.alias)
     return {
         "tool": {"name": "wise", "version": __version__, "torch": torch.__version__},
-        "base": {"origin": prior.get("origin", sess.origin), "model_type": t.model_type},
+        "base": base,
         "target": {"module_path": t.module_path, "layer": t.layer, "n_layers": t.n_layers,
                    "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features},
     }

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALIASES", "DEFAULT_MODEL", "ARCHITECTURES", "DEFAULT_LAYER_FRACTION", "FFNTarget",
-    "cache_dir", "resolve_base", "pick_device", "pick_dtype", "load_model",
+    "cache_dir", "resolve_base", "alias_of", "pick_device", "pick_dtype", "load_model",
     "default_layer", "count_layers", "locate_ffn_out", "get_module", "set_module", "describe_model",
 ]
 
@@ -65,6 +65,12 @@ def resolve_base(spec: str | None, progress: Callable[[str], None] | None = None
     raise ModelError(
         f"unknown model '{name}': not a built-in alias nor an existing path", hint=aliases_hint()
     )
+
+
+def alias_of(spec: str | None) -> str | None:
+    """The built-in alias MODEL names (``default`` included), or None for a path."""
+    name = DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
+    return name if name in ALIASES and not Path(name).expanduser().exists() else None
 
 
 def _resolve_path(path: Path, progress: Callable[[str], None] | None) -> Path:

@@ -16,10 +16,11 @@ import torch.nn as nn
 
 from .checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
 from .config import WiseConfig, load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ModelError
 from .manifest import config_of, subjects_of
 from .hf_remote import attach_layer
-from .models import FFNTarget, count_layers, get_module, load_model, locate_ffn_out, pick_device, pick_dtype, resolve_base
+from .models import (ALIASES, FFNTarget, alias_of, cache_dir, convert_alias, count_layers, get_module, load_model,
+                     locate_ffn_out, pick_device, pick_dtype, resolve_base)
 from .wise.editor import EditorState
 from .wise.memory import SideMemoryLayer
 from .wise.router import RouterConfig
@@ -38,6 +39,7 @@ class Session:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    alias: str | None = None     # the built-in alias the base came from, recorded to find it again
 
 
 def attach(model: nn.Module, target: FFNTarget, tokenizer: Any = None) -> SideMemoryLayer:
@@ -51,7 +53,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
                layer: int | None = None, module_path: str | None = None,
                device_map: str | None = None,
                progress: Callable[[str], None] | None = None,
-               config_file: str | None = None) -> Session:
+               config_file: str | None = None, base: str | None = None) -> Session:
     """Load MODEL with a side memory attached.
 
     The memory's layer comes from, in order: ``layer``/``module_path`` (the CLI), the
@@ -62,12 +64,15 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    ckpt = read_checkpoint(Path(spec)) if spec and is_patched(Path(spec)) else None
+    ckpt = read_patched(Path(spec), base) if spec and is_patched(Path(spec)) else None
     if ckpt is not None:
         layer, module_path = _checkpoint_layer(ckpt, layer)
-        base_dir, origin = ckpt.base_dir, ckpt.manifest.get("base", {}).get("origin", str(ckpt.base_dir))
+        base_dir, origin = ckpt.base_dir, ckpt.manifest["base"].get("origin", str(ckpt.base_dir))
+        alias = ckpt.manifest["base"].get("alias")
+    elif base is not None:
+        raise ConfigError(f"--base {base}: only a patched checkpoint takes a base; {spec or 'default'} is a model")
     else:
-        base_dir, origin = resolve_base(spec, progress=progress), spec or "default"
+        base_dir, origin, alias = resolve_base(spec, progress=progress), spec or "default", alias_of(spec)
     model, tok = load_model(base_dir, dev, dt, device_map=device_map)
     if layer is None and module_path is None:
         layer = _config_layer(model, config_file)
@@ -77,7 +82,27 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         _restore(mem, ckpt, target)
     blocks = get_module(model, target.layers_path)
     return Session(model, tok, mem, target, blocks, base_dir, origin, ckpt.manifest if ckpt else None,
-                   dev, dt, time.perf_counter() - t0)
+                   dev, dt, time.perf_counter() - t0, alias)
+
+
+def read_patched(path: Path, base: str | None = None, verify: bool = True) -> PatchedCheckpoint:
+    """A patched checkpoint with its base found: ``base`` (``--base PATH|ALIAS``), the recorded
+    path, the recorded alias, or any cached model whose weights hash as recorded."""
+    given = resolve_base(base) if base else None
+    return read_checkpoint(path, verify=verify, base=given, elsewhere=_other_bases)
+
+
+def _other_bases(meta: dict) -> list[Path]:
+    """Where a moved base may be: its recorded alias (converted if it is not cached), then
+    every model in wise's cache (their hashes are cached too, so checking them is cheap)."""
+    found: list[Path] = []
+    if meta.get("alias") in ALIASES:
+        try:
+            found.append(convert_alias(meta["alias"]))
+        except ModelError:
+            pass  # its package is not installed here; the hashes may still find a copy
+    models = cache_dir() / "models"
+    return found + (sorted(p for p in models.iterdir() if p.is_dir() and p not in found) if models.is_dir() else [])
 
 
 def _checkpoint_layer(ckpt: PatchedCheckpoint, layer: int | None) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from ..models import get_module, locate_ffn_out, pick_device, pick_dtype, resolv
 from ..report import summary_table
 from ..session import Session, attach, open_model
 from . import console
-from .options import Device, DType, Json, Mode
+from .options import Base, Device, DType, Json, Mode
 
 
 def bench(
@@ -26,6 +26,7 @@ def bench(
     compare_reference: Annotated[bool, typer.Option("--compare-reference", help="Also time the plain full-forward loop on the first batch.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", help="YAML hyper-parameters, as for wise edit.")] = None,
     reps: Annotated[int, typer.Option(min=1, help="Interleaved repetitions for inference timing.")] = 5,
+    base: Base = None,
     device: Device = "auto",
     dtype: DType = "auto",
     json_out: Json = False,
@@ -41,7 +42,7 @@ def bench(
     mode_name = mode.value
     say = lambda m: console.status(m, json_out)  # noqa: E731
     sess = _synthetic_session(synthetic, device, dtype) if synthetic else \
-        open_model(model, device=device, dtype=dtype, progress=say)
+        open_model(model, device=device, dtype=dtype, progress=say, base=base)
     records = synthetic_edits(edits)
     say(f"benchmarking {synthetic or model} on {sess.device} ({str(sess.dtype).replace('torch.', '')})")
     result = {"model": synthetic or model, "synthetic": bool(synthetic), "device": str(sess.device),

@@ -6,16 +6,17 @@ from typing import Annotated
 
 import typer
 
-from ..checkpoint import read_checkpoint
 from ..errors import CheckpointError
 from ..report import summary_table
+from ..session import read_patched
 from . import console
-from .options import Json
+from .options import Base, Json
 
 
 def info(
     model: Annotated[Path, typer.Argument(help="A directory written by wise edit.")],
     verify: Annotated[bool, typer.Option(help="Check the base weights' SHA-256 against the manifest.")] = True,
+    base: Base = None,
     json_out: Json = False,
 ) -> None:
     """Show base, layer, mode, edits applied, settings and stored metrics.
@@ -27,7 +28,7 @@ def info(
     if not (model / "wise.json").is_file():
         raise CheckpointError(f"{model}: not a patched checkpoint (no wise.json)",
                               hint="wise info reads directories written by wise edit")
-    ckpt = read_checkpoint(model, verify=verify)
+    ckpt = read_patched(model, base, verify=verify)
     m = ckpt.manifest
     metrics = {k: v for k, v in (m.get("metrics") or {}).items() if k != "edits"}
     if json_out:

@@ -21,4 +21,7 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda
 DType = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     "--device-map", help="'auto' spreads a model too large for one GPU over all GPUs (accelerate).")]
+Base = Annotated[Optional[str], typer.Option(
+    "--base", help="Where a --patch-only checkpoint's base is (a directory or an alias), when it is not at "
+                   "the recorded path; checked against the recorded SHA-256.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; no progress bars.")]
