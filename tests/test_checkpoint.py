@@ -41,7 +41,14 @@ def tensors() -> dict[str, torch.Tensor]:
 
 
 def manifest() -> dict:
-    return {"tool_version": "0.1.0", "base": {"origin": "tiny-test"}, "edits": [{"id": "a"}]}
+    """What wise edit hands write_checkpoint (it adds base.path/embedded/files and tensors)."""
+    return {"tool": {"name": "wise", "version": "0.2.0"}, "base": {"origin": "tiny-test", "model_type": "llama"},
+            "target": {"module_path": "model.layers.0.mlp.down_proj", "layer": 0, "n_layers": 1,
+                       "kind": "linear", "in_features": 16, "out_features": 8},
+            "mode": "merge", "config": {}, "router": {"scale": 1.0, "thresholds": [], "min_edit_scores": [],
+                                                    "n_memories": 0},
+            "editor": {}, "edits": [{"id": "a", "prompt": "p", "target_new": "t", "memory": 0}], "runs": [],
+            "metrics": None}
 
 
 def test_round_trip_bit_exact(base, tmp_path):
@@ -72,7 +79,7 @@ def test_round_trip_bit_exact(base, tmp_path):
     assert mf["base"]["files"] == {"model.safetensors": ck.sha256_file(base / "model.safetensors")}
     assert mf["tensors"]["side.0"] == {"shape": [8, 16], "dtype": "float32"}
     assert mf["tensors"]["mask.0"]["dtype"] == "bool"
-    assert mf["edits"] == [{"id": "a"}] and mf["tool_version"] == "0.1.0"
+    assert mf["edits"] == manifest()["edits"] and mf["tool"]["version"] == "0.2.0"
     with safetensors.safe_open(str(out / ck.WEIGHTS_NAME), "pt") as f:
         assert f.metadata() == {"format": "pt"}
 
@@ -80,7 +87,7 @@ def test_round_trip_bit_exact(base, tmp_path):
 def test_patch_only_references_base(base, tmp_path):
     out = tmp_path / "p"
     steps: list[str] = []
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={}, patch_only=True,
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest(), patch_only=True,
                         progress=steps.append)
     assert not list(out.glob("model*.safetensors")) and (out / "config.json").is_file()
     assert "hashing model.safetensors" in steps
@@ -90,7 +97,7 @@ def test_patch_only_references_base(base, tmp_path):
 
 def test_patch_only_base_missing(base, tmp_path):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={}, patch_only=True)
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest(), patch_only=True)
     base.rename(tmp_path / "moved")
     with pytest.raises(CheckpointError, match="not found") as e:
         ck.read_checkpoint(out)
@@ -101,7 +108,7 @@ def test_patch_only_base_missing(base, tmp_path):
 @pytest.mark.parametrize("patch_only", [False, True])
 def test_tampered_base_weight(base, tmp_path, patch_only):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={}, patch_only=patch_only)
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest(), patch_only=patch_only)
     ck.read_checkpoint(out)  # fine before
     target = (base if patch_only else out) / "model.safetensors"
     with open(target, "r+b") as f:
@@ -116,7 +123,7 @@ def test_tampered_base_weight(base, tmp_path, patch_only):
 
 def test_shape_mismatch_names_tensor(base, tmp_path):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest())
     mf = json.loads((out / ck.MANIFEST_NAME).read_text())
     mf["tensors"]["side.0"]["shape"] = [16, 8]
     (out / ck.MANIFEST_NAME).write_text(json.dumps(mf))
@@ -126,7 +133,7 @@ def test_shape_mismatch_names_tensor(base, tmp_path):
 
 def test_key_and_dtype_mismatch(base, tmp_path):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest())
     mf = json.loads((out / ck.MANIFEST_NAME).read_text())
     mf["tensors"]["threshold"]["dtype"] = "float32"
     (out / ck.MANIFEST_NAME).write_text(json.dumps(mf))
@@ -155,7 +162,7 @@ def test_bad_manifest(tmp_path, content, msg):
 
 def test_corrupt_side_weights(base, tmp_path):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest())
     (out / ck.WEIGHTS_NAME).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="wise.safetensors: unreadable"):
         ck.read_checkpoint(out)
@@ -163,14 +170,14 @@ def test_corrupt_side_weights(base, tmp_path):
 
 def test_existing_out_needs_force(base, tmp_path):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={"n": 1})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={**manifest(), "n": 1})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(OutputExistsError, match="already exists") as e:
-        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={"n": 2})
+        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={**manifest(), "n": 2})
     assert "--force" in e.value.hint
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={"n": 2}, force=True)
+    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={**manifest(), "n": 2}, force=True)
     cp = ck.read_checkpoint(out)
     assert cp.manifest["n"] == 2 and cp.tensors == {}
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no tmp/old left
@@ -184,11 +191,11 @@ def test_force_refuses_files_and_foreign_dirs(base, tmp_path):
     (foreign / "notes.txt").write_text("keep")
     for out in (f, foreign):
         with pytest.raises(OutputExistsError):
-            ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={}, force=True)
+            ck.write_checkpoint(out, base_dir=base, tensors={}, manifest=manifest(), force=True)
     assert f.read_text() == "keep" and (foreign / "notes.txt").read_text() == "keep"
     empty = tmp_path / "empty"
     empty.mkdir()
-    ck.write_checkpoint(empty, base_dir=base, tensors={}, manifest={}, force=True)
+    ck.write_checkpoint(empty, base_dir=base, tensors={}, manifest=manifest(), force=True)
     assert ck.is_patched(empty)
 
 
@@ -199,16 +206,16 @@ def test_failure_mid_write_leaves_nothing(base, tmp_path, monkeypatch, exc):
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     parent = tmp_path / "outs"
     with pytest.raises(type(exc)):
-        ck.write_checkpoint(parent / "p", base_dir=base, tensors=tensors(), manifest={})
+        ck.write_checkpoint(parent / "p", base_dir=base, tensors=tensors(), manifest=manifest())
     assert list(parent.iterdir()) == []
 
 
 def test_failure_during_force_keeps_old(base, tmp_path, monkeypatch):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={"n": 1})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={**manifest(), "n": 1})
     monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={"n": 2}, force=True)
+        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={**manifest(), "n": 2}, force=True)
     assert ck.read_checkpoint(out).manifest["n"] == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no tmp/old left
 
@@ -216,23 +223,23 @@ def test_failure_during_force_keeps_old(base, tmp_path, monkeypatch):
 def test_out_overlapping_base_refused(base):
     for out in (base, base / "patched", base.parent):
         with pytest.raises(WiseError, match="overlaps the model"):
-            ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={}, force=True)
+            ck.write_checkpoint(out, base_dir=base, tensors={}, manifest=manifest(), force=True)
     assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_missing_base_refused(tmp_path):
     with pytest.raises(ModelError):
-        ck.write_checkpoint(tmp_path / "p", base_dir=tmp_path / "nope", tensors={}, manifest={})
+        ck.write_checkpoint(tmp_path / "p", base_dir=tmp_path / "nope", tensors={}, manifest=manifest())
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no weight files"):
-        ck.write_checkpoint(tmp_path / "p", base_dir=tmp_path / "empty", tensors={}, manifest={})
+        ck.write_checkpoint(tmp_path / "p", base_dir=tmp_path / "empty", tensors={}, manifest=manifest())
 
 
 def test_patched_dir_as_base(base, tmp_path):
     v1 = tmp_path / "v1"
-    ck.write_checkpoint(v1, base_dir=base, tensors={"old": torch.zeros(3)}, manifest={})
+    ck.write_checkpoint(v1, base_dir=base, tensors={"old": torch.zeros(3)}, manifest=manifest())
     v2 = tmp_path / "v2"
-    ck.write_checkpoint(v2, base_dir=v1, tensors={"new": torch.ones(2)}, manifest={})
+    ck.write_checkpoint(v2, base_dir=v1, tensors={"new": torch.ones(2)}, manifest=manifest())
     cp = ck.read_checkpoint(v2)
     assert set(cp.tensors) == {"new"}
     assert set(cp.manifest["base"]["files"]) == {"model.safetensors"}
@@ -240,9 +247,9 @@ def test_patched_dir_as_base(base, tmp_path):
 
     # a patch-only checkpoint holds no weights: patching it again references the real base
     p1 = tmp_path / "p1"
-    ck.write_checkpoint(p1, base_dir=base, tensors={"old": torch.zeros(3)}, manifest={}, patch_only=True)
+    ck.write_checkpoint(p1, base_dir=base, tensors={"old": torch.zeros(3)}, manifest=manifest(), patch_only=True)
     p2 = tmp_path / "p2"
-    ck.write_checkpoint(p2, base_dir=p1, tensors={"new": torch.ones(2)}, manifest={}, patch_only=True)
+    ck.write_checkpoint(p2, base_dir=p1, tensors={"new": torch.ones(2)}, manifest=manifest(), patch_only=True)
     assert not (p2 / "model.safetensors").exists()
     assert ck.read_checkpoint(p2).base_dir == base.resolve()
 
@@ -253,7 +260,7 @@ def test_symlinked_weights_are_followed(base, tmp_path):
     (base / "model.safetensors").rename(blobs / "abc")
     (base / "model.safetensors").symlink_to(os.path.relpath(blobs / "abc", base))
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={})
+    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest=manifest())
     assert not (out / "model.safetensors").is_symlink()
     ck.read_checkpoint(out)
 
@@ -282,7 +289,7 @@ def test_hash_cache_avoids_rehash(base, tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "sha256_file", counting)
 
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={})
+    ck.write_checkpoint(out, base_dir=base, tensors={}, manifest=manifest())
     assert len(calls) == 1
     ck.read_checkpoint(out)  # the embedded link/copy inherits the base's cached hash
     ck.read_checkpoint(out)
@@ -312,7 +319,7 @@ def test_recent_files_not_cached(base, tmp_path):
 
 def test_failed_swap_restores_old(base, tmp_path, monkeypatch):
     out = tmp_path / "p"
-    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={"n": 1})
+    ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest={**manifest(), "n": 1})
     real_rename = os.rename
 
     def rename(src, dst):
@@ -321,6 +328,6 @@ def test_failed_swap_restores_old(base, tmp_path, monkeypatch):
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
-        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={"n": 2}, force=True)
+        ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={**manifest(), "n": 2}, force=True)
     assert ck.read_checkpoint(out).manifest["n"] == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

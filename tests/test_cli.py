@@ -199,3 +199,18 @@ def test_error_message_is_printed_verbatim(name, text, piece, tmp_path, tiny_lla
     code, _, err = run_main(monkeypatch, capsys, "edit", tiny_llama_dir, bad, "-o", tmp_path / "out")
     assert code == 1
     assert piece in error_line(err)
+
+
+def test_every_json_output_shares_one_top_level(patched, files, tiny_llama_dir, tmp_path):
+    """--json outputs say which output they are, in which layout, from which wise."""
+    from wisecli import __version__
+    out, summary = patched
+    outputs = {"edit": summary}
+    for kind, args in (("eval", ["eval", out, files["edits"], "--no-generate"]), ("info", ["info", out]),
+                       ("generate", ["generate", out, "the king", "--max-new-tokens", "1"])):
+        code, res = invoke(*args, "--json")
+        assert code == 0, res.output
+        outputs[kind] = json.loads(res.stdout)
+    for kind, obj in outputs.items():
+        assert list(obj)[:2] == ["schema", "wise_version"], kind
+        assert obj["schema"] == f"wise/{kind}/1" and obj["wise_version"] == __version__

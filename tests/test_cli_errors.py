@@ -223,3 +223,23 @@ def test_a_removed_knob_loads_at_its_no_op_value_and_is_named_otherwise(files, t
                               "--config", cfg, "--no-eval", "--json")
     assert code == 0, err
     assert "ties_density" not in json.loads((tmp_path / "out" / "wise.json").read_text())["config"]
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda m: m.pop("tool"), "(top level)"),
+    (lambda m: m.__setitem__("metrics", [1]), "metrics"),
+    (lambda m: m["target"].__setitem__("module_path", 5), "target.module_path"),
+    (lambda m: m["edits"][0].__setitem__("subject", 5), "edits[0].subject"),
+    (lambda m: m["edits"][1].__setitem__("memory", "x"), "edits[1].memory"),
+    (lambda m: m["base"].__setitem__("files", {}), "base.files"),
+])
+def test_a_manifest_that_does_not_fit_the_schema_is_named(change, field, patched, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ckpt"
+    shutil.copytree(patched[0], out)
+    manifest = json.loads((out / "wise.json").read_text())
+    change(manifest)
+    (out / "wise.json").write_text(json.dumps(manifest))
+    for command in (["info", out], ["generate", out, "the king"]):
+        code, stdout, err = run_main(monkeypatch, capsys, *command)
+        line = error_line(err)
+        assert code == 1 and stdout == "" and f"{out / 'wise.json'}: field '{field}'" in line, line

@@ -7,6 +7,7 @@ c_proj), each saved to disk by ``conftest`` and opened the way the CLI opens it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def test_older_checkpoint_replay_moment_loads_as_a_factor(model_dir):
     cov = tokens.T @ tokens / 50
     old = {k: v for k, v in sess.mem.wise_state().items()
            if k not in ("replay_factor", "edit_keys", "key_edit", "key_memory")}
-    manifest, state = upgrade({"format_version": 1, "config": {}}, {**old, "replay_cov": cov}, "wise.json")
+    v1 = json.loads((Path(__file__).parent / "data" / "compat-v1" / "merge" / "wise.json").read_text())
+    v1["config"] = {k: v for k, v in v1["config"].items() if k != "key_gate"}  # written before the gate
+    manifest, state = upgrade(v1, {**old, "replay_cov": cov}, "wise.json")
     assert manifest["format_version"] == 2 and manifest["config"]["key_gate"] == 0.0
     sess.mem.load_wise_state(state)
     assert sess.mem.edit_keys.shape == (0, sess.mem.in_features)

@@ -1,7 +1,8 @@
 """``wise.json``: what the manifest of a patched checkpoint holds, and how older ones are read.
 
 The file layout and its atomic write are in ``checkpoint.py``; this module owns the
-manifest's content.  Its schema (format 2):
+manifest's content.  Its schema is ``wisecli/data/manifest.schema.json`` (JSON Schema, every
+manifest read is validated against it); in short (format 2):
 
   format_version  2
   tool            {name, version, torch}: what wrote it
@@ -26,14 +27,19 @@ format version) when it is read, so the rest of the code only ever sees the curr
 from __future__ import annotations
 
 import copy
+import json
 from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from . import __version__
 from .config import WiseConfig, from_dict
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .wise.maths import moment_factor
 
 if TYPE_CHECKING:
@@ -55,11 +61,30 @@ def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tup
     manifest, tensors = copy.deepcopy(manifest), dict(tensors)
     if manifest["format_version"] == 1:
         manifest, tensors = _from_v1(manifest, tensors)
+    validate(manifest, where)
     try:
-        manifest["config"] = from_dict(manifest.get("config") or {}, where).to_dict()
+        manifest["config"] = from_dict(manifest["config"], where).to_dict()
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in 'config')", hint=exc.hint) from None
     return manifest, tensors
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The manifest's JSON Schema (format 2)."""
+    text = resources.files("wisecli").joinpath("data/manifest.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def validate(manifest: dict, where: str) -> None:
+    """One line naming the file and the first field that does not fit the schema."""
+    error = best_match(Draft202012Validator(schema()).iter_errors(manifest))
+    if error is None:
+        return
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    message = error.message if len(error.message) <= 200 else error.message[:200] + "…"
+    raise CheckpointError(f"{where}: field '{field or '(top level)'}': {message}",
+                          hint="the manifest does not match the one wise writes; re-create the checkpoint")
 
 
 def _from_v1(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -68,6 +93,9 @@ def _from_v1(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
     if cfg["route_by"] == "closest" and (n_memories <= 1 or not cfg["key_gate"]):
         cfg["route_by"] = "coverage"  # the rule ranks several gated memories; here there are not
     manifest["config"] = cfg
+    for edit in manifest.get("edits") or []:
+        if isinstance(edit, dict):
+            edit.setdefault("memory", None)  # before edits recorded their memory
     if "replay_cov" in tensors:  # before the factor: the full second moment
         cov = tensors.pop("replay_cov").float()
         tensors.setdefault("replay_factor", moment_factor(cov, cov.shape[0]))

@@ -56,7 +56,7 @@ def bench(
     if synthetic:
         result["note"] = "random weights: speed and memory figures only; quality numbers mean nothing"
     if json_out:
-        console.print_json(result)
+        console.print_json("bench", result)
         return
     console.out.print(summary_table(f"wise bench {synthetic or model}", result))
 

@@ -15,8 +15,15 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 
 
-def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+# The --json outputs' shared top level: which output it is, in which layout, from which wise.
+# A change that removes or renames a key bumps JSON_LAYOUT; adding keys does not.
+JSON_LAYOUT = 1
+
+
+def print_json(kind: str, obj: dict[str, Any]) -> None:
+    from .. import __version__
+    head = {"schema": f"wise/{kind}/{JSON_LAYOUT}", "wise_version": __version__}
+    sys.stdout.write(json.dumps({**head, **obj}, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

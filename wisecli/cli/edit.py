@@ -48,7 +48,7 @@ def edit(
     run = run_edit(model, edits, output, options, console.ConsoleReporter(json_out))
     summary = run.summary()
     if json_out:
-        console.print_json(summary)
+        console.print_json("edit", summary)
         return
     if run.report:
         console.out.print(eval_table(run.report, title=f"edits applied to {run.session.origin}"))

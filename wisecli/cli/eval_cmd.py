@@ -60,7 +60,7 @@ def eval_cmd(
     result["gates"] = {"passed": not failed,
                        "failed": [{"metric": n, "value": v, "min": g} for n, v, g in failed]}
     if json_out:
-        console.print_json(result)
+        console.print_json("eval", result)
     elif markdown:
         console.out.print(eval_markdown(report), markup=False, highlight=False)
     else:

@@ -41,7 +41,7 @@ def generate(
     routes = route_names(route) if route is not None and sess.mem.n_memories else ["main"] * len(prompts)
     rows = [{"prompt": p, "completion": t, "memory": r} for p, t, r in zip(prompts, texts, routes)]
     if json_out:
-        console.print_json({"model": str(model), "generations": rows})
+        console.print_json("generate", {"model": str(model), "generations": rows})
         return
     for row in rows:
         console.out.print(Text(row["prompt"], style="bold") + Text(row["completion"]))

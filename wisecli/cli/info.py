@@ -32,7 +32,7 @@ def info(
     m = ckpt.manifest
     metrics = {k: v for k, v in (m.get("metrics") or {}).items() if k != "edits"}
     if json_out:
-        console.print_json({**m, "metrics": metrics, "base_dir": str(ckpt.base_dir), "verified": verify})
+        console.print_json("info", {**m, "metrics": metrics, "base_dir": str(ckpt.base_dir), "verified": verify})
         return
     t, r = m["target"], m["router"]
     console.out.print(summary_table(f"wise info {model}", {
