@@ -83,13 +83,13 @@ def test_closest_key_routing_over_several_memories_is_refused(tmp_path):
 
 
 def test_the_manifest_schema_is_a_valid_json_schema_that_format_1_upgrades_meet():
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, ValidationError
 
     from wisecli.manifest import schema, upgrade
     Draft202012Validator.check_schema(schema())
     for name in ("merge", "retrieve"):
         raw = json.loads((DATA / name / "wise.json").read_text())
-        with pytest.raises(Exception):  # format 1 as written is not format 2 ...
+        with pytest.raises(ValidationError):  # format 1 as written is not format 2 ...
             Draft202012Validator(schema()).validate(raw)
         tensors = safetensors.torch.load_file(str(DATA / name / "wise.safetensors"))
         upgraded, _ = upgrade(raw, tensors, "wise.json")  # ... its upgrade is (validated inside)

@@ -189,3 +189,44 @@ def test_a_moved_patch_only_checkpoint_finds_its_base_by_alias(batches: dict[str
     (d / "p" / "patch").rename(moved)
     result = wise("eval", str(moved), str(one), "--device", "cpu")
     assert result["reliability"] >= 0.9
+
+
+def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> None:
+    """wise serve on the patched smollm2, asked through the openai client: the completion
+    carries the edit, and the chat reply is what wise generates under the chat template."""
+    import socket
+    import time
+    import urllib.request
+
+    import torch
+    openai = pytest.importorskip("openai")
+    from wisecli.session import open_model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "WISE_CACHE"}
+    proc = subprocess.Popen([WISE, "serve", str(batches["patched_b"]), "--port", str(port), "--device", "cpu",
+                             "--name", "smol"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        r = client.completions.create(model="smol", prompt="The capital of Australia is", max_tokens=4, temperature=0)
+        assert r.choices[0].text.strip().startswith("Perth"), r.choices[0].text
+        question = [{"role": "user", "content": "What is the capital of Australia?"}]
+        reply = client.chat.completions.create(model="smol", messages=question, max_tokens=12, temperature=0)
+        sess = open_model(str(batches["patched_b"]), device="cpu")
+        text = sess.tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+        enc = sess.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = sess.model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=sess.tokenizer.pad_token_id)
+        want = sess.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert reply.choices[0].message.content == want
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

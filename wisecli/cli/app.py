@@ -19,6 +19,7 @@ from .edit import edit
 from .eval_cmd import eval_cmd
 from .generate import generate
 from .info import info
+from .serve import serve
 
 INTERNAL_ERROR = 4
 
@@ -44,6 +45,9 @@ app.command("edit")(edit)
 app.command("eval")(eval_cmd)
 app.command("generate")(generate)
 app.command("info")(info)
+
+
+app.command("serve")(serve)
 
 
 def _register_bench() -> None:

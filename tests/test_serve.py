@@ -1,0 +1,158 @@
+"""``wise serve`` as a real HTTP server on localhost, talked to with the real ``openai`` client.
+
+The tiny model's tokenizer gets a chat template of its own so the chat endpoint is exercised
+here; the real smollm2 run is in test_real.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from wisecli.pipeline import EditOptions, edit
+from wisecli.session import open_model
+
+from conftest import EDITS, write_jsonl
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+WISE = str(Path(sys.executable).parent / "wise")
+LEARN = "learning_rate: 0.5\nreplay_weight: 0.15\nmax_steps: 60\nmask_ratio: 0.5\nn_prefixes: 2\n" \
+        "n_negatives: 4\nnegative_lengths: [4]\nnegatives_per_step: 4\n"
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+OTHER = "who plays music in the big city"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama_dir):
+    d = tmp_path_factory.mktemp("serve")
+    base = d / "base"
+    import shutil
+    shutil.copytree(tiny_llama_dir, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+    (d / "learn.yaml").write_text(LEARN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WISE_CACHE", str(d / "cache"))
+        edit(str(base), write_jsonl(d / "edits.jsonl", EDITS), d / "patched",
+             EditOptions(config_file=str(d / "learn.yaml"), evaluate=False, device="cpu"))
+        port = _free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([WISE, "serve", str(d / "patched"), "--port", str(port), "--device", "cpu",
+                                 "--name", "tiny"], stderr=subprocess.PIPE, text=True, env=env)
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=1)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None:
+                    pytest.fail(proc.stderr.read())
+                time.sleep(0.1)
+        yield {"url": url, "proc": proc, "patched": d / "patched",
+               "client": openai.OpenAI(base_url=url, api_key="-", max_retries=0)}
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _direct(patched: Path, prompt: str, n: int, chat: bool = False) -> str:
+    """What wise itself generates greedily for the prompt."""
+    sess = open_model(str(patched), device="cpu")
+    tok = sess.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False) if chat else prompt
+    enc = tok([text], return_tensors="pt", return_token_type_ids=False, add_special_tokens=not chat)
+    with torch.no_grad():
+        out = sess.model.generate(**enc, do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_models_lists_the_served_model(server):
+    assert [m.id for m in server["client"].models.list().data] == ["tiny"]
+
+
+def test_completion_plain_and_streamed_carry_the_edit(server):
+    client, prompt = server["client"], EDITS[0]["prompt"]
+    want = _direct(server["patched"], prompt, 3)
+    assert EDITS[0]["target_new"] in want
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_chat_uses_the_chat_template_plain_and_streamed(server):
+    client, question = server["client"], EDITS[0]["prompt"]
+    want = _direct(server["patched"], question, 4, chat=True)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                       max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                            max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+
+
+def test_concurrent_requests_each_get_their_own_routing(server):
+    client = server["client"]
+    prompts = [EDITS[0]["prompt"], OTHER, EDITS[2]["prompt"], OTHER, EDITS[0]["prompt"], "the capital of spain is"]
+    want = {p: _direct(server["patched"], p, 3) for p in set(prompts)}
+
+    def ask(p: str) -> str:
+        return client.completions.create(model="tiny", prompt=p, max_tokens=3, temperature=0).choices[0].text
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == [want[p] for p in prompts]
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": 7}).encode(), 400, "temperature"),
+    (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "model"),
+])
+def test_a_malformed_request_gets_a_json_error_and_the_server_goes_on(server, body, status, param):
+    request = urllib.request.Request(f"{server['url']}/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(request, timeout=30)
+    assert exc.value.code == status
+    error = json.loads(exc.value.read())["error"]
+    assert error["message"] and error["type"] and (param is None or error["param"] == param)
+    assert server["client"].models.list().data  # still serving
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_port_in_use_is_a_one_line_error(tiny_llama_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([WISE, "serve", str(tiny_llama_dir), "--port", str(port), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"error: 127.0.0.1:{port}: cannot listen there" in res.stderr
