@@ -230,3 +230,23 @@ def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> Non
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_export_folds_the_memory_into_a_checkpoint_and_a_gguf(batches: dict[str, Path]) -> None:
+    """The patched smollm2 folded two ways: the GGUF (the alias's own file with one tensor
+    replaced), read back by transformers' GGUF reader, gives the merged checkpoint's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d = batches["dir"] / "export"
+    merged = wise("export", str(batches["patched_b"]), "--to", "merged", "-o", str(d / "merged"), "--device", "cpu",
+                  "--edits", str(EXAMPLES))
+    gguf = wise("export", str(batches["patched_b"]), "--to", "gguf", "-o", str(d / "patched.gguf"), "--device", "cpu")
+    assert merged["folding_cost"]["edits"]["folded"] >= 0.9  # the edits survive folding
+    assert merged["folding_cost"]["unrelated_prompts"]["routed"] == 1.0
+    assert gguf["folding_cost"]["unrelated_prompts"] == merged["folding_cost"]["unrelated_prompts"]
+    tok = AutoTokenizer.from_pretrained(str(d / "merged"))
+    a = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(str(d), gguf_file="patched.gguf", dtype=torch.float32)
+    enc = tok(["The capital of Australia is", "Water boils at a temperature of"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(b(**enc).logits, a(**enc).logits, rtol=0, atol=1e-5)

@@ -91,6 +91,15 @@ _ALIASES: dict[str, _Alias] = {
 ALIASES: dict[str, str] = {name: a.description for name, a in _ALIASES.items()}
 
 
+def fetch_gguf(name: str, scratch: Path) -> Path:
+    """The GGUF file an alias is converted from (assembled into ``scratch`` if need be)."""
+    try:
+        return _ALIASES[name].fetch(scratch)
+    except (ImportError, importlib.metadata.PackageNotFoundError, FileNotFoundError) as e:
+        raise ModelError(f"model '{name}' is not installed ({short_message(e)})",
+                         hint=_ALIASES[name].pip_install) from e
+
+
 def cache_dir() -> Path:
     """``$WISE_CACHE``, else ``$XDG_CACHE_HOME/wise``, else ``~/.cache/wise``.
 

@@ -278,7 +278,7 @@ def _full_manifest(manifest: dict, out: Path, base_path: Path, files: dict[str, 
     return full
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Swap with two renames; if the second fails, put the old checkpoint back."""
     if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
@@ -326,7 +326,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
         safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
         safetensors.torch.save_file(safe, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / MANIFEST_NAME).write_text(text)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ from ..errors import WiseError
 from . import console
 from .edit import edit
 from .eval_cmd import eval_cmd
+from .export import export
 from .generate import generate
 from .info import info
 from .serve import serve
@@ -48,6 +49,7 @@ app.command("info")(info)
 
 
 app.command("serve")(serve)
+app.command("export")(export)
 
 
 def _register_bench() -> None:
