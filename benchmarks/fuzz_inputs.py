@@ -172,7 +172,10 @@ def verdict(call: Callable[[], Any], sound: Callable[[Any], str | None]) -> tupl
         return "refused", str(exc)[:120]
     except Exception as exc:  # noqa: BLE001 - the point is to catch what slipped through
         return "mishandled", f"{type(exc).__name__}: {str(exc)[:200]}"
-    problem = sound(result)
+    try:
+        problem = sound(result)
+    except Exception as exc:  # noqa: BLE001 - accepted, then broke when used
+        problem = f"accepted, then {type(exc).__name__} when used: {str(exc)[:160]}"
     return ("mishandled", problem) if problem else ("accepted", "")
 
 

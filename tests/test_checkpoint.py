@@ -76,7 +76,10 @@ def test_round_trip_bit_exact(base, tmp_path):
     assert mf["format_version"] == ck.FORMAT_VERSION
     assert mf["base"]["origin"] == "tiny-test" and mf["base"]["embedded"] is True
     assert mf["base"]["path"] == "."  # where the base weights are, relative to the checkpoint
-    assert mf["base"]["files"] == {"model.safetensors": ck.sha256_file(base / "model.safetensors")}
+    assert mf["base"]["files"] == {"model.safetensors": ck.sha256_file(base / "model.safetensors"),
+                                   "tokenizer.json": ck.sha256_file(base / "tokenizer.json")}
+    assert mf["state_sha256"] == ck.sha256_file(out / ck.WEIGHTS_NAME)
+    assert mf["base"]["config_sha256"] == ck.config_digest({"model_type": "llama", "hidden_size": 8})
     assert mf["tensors"]["side.0"] == {"shape": [8, 16], "dtype": "float32"}
     assert mf["tensors"]["mask.0"]["dtype"] == "bool"
     assert mf["edits"] == manifest()["edits"] and mf["tool"]["version"] == "0.2.0"
@@ -164,6 +167,12 @@ def test_corrupt_side_weights(base, tmp_path):
     out = tmp_path / "p"
     ck.write_checkpoint(out, base_dir=base, tensors=tensors(), manifest=manifest())
     (out / ck.WEIGHTS_NAME).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="wise.safetensors: does not match the SHA-256"):
+        ck.read_checkpoint(out)
+    # a forger who also updates the checksum still meets the file's own check
+    mf = json.loads((out / ck.MANIFEST_NAME).read_text())
+    mf["state_sha256"] = ck.sha256_file(out / ck.WEIGHTS_NAME)
+    (out / ck.MANIFEST_NAME).write_text(json.dumps(mf))
     with pytest.raises(CheckpointError, match="wise.safetensors: unreadable"):
         ck.read_checkpoint(out)
 
@@ -242,7 +251,7 @@ def test_patched_dir_as_base(base, tmp_path):
     ck.write_checkpoint(v2, base_dir=v1, tensors={"new": torch.ones(2)}, manifest=manifest())
     cp = ck.read_checkpoint(v2)
     assert set(cp.tensors) == {"new"}
-    assert set(cp.manifest["base"]["files"]) == {"model.safetensors"}
+    assert set(cp.manifest["base"]["files"]) == {"model.safetensors", "tokenizer.json"}
     assert cp.manifest["base"]["path"] == "."
 
     # a patch-only checkpoint holds no weights: patching it again references the real base
@@ -283,8 +292,9 @@ def test_hash_cache_avoids_rehash(base, tmp_path, monkeypatch):
     calls: list[Path] = []
     real = ck.sha256_file
 
-    def counting(path):
-        calls.append(Path(path))
+    def counting(path):  # the base weights' hashing only: they are the big files
+        if Path(path).name == "model.safetensors":
+            calls.append(Path(path))
         return real(path)
     monkeypatch.setattr(ck, "sha256_file", counting)
 

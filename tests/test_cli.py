@@ -31,7 +31,8 @@ def test_edit_writes_a_full_checkpoint(patched, tiny_llama_dir):
     assert summary["metrics"]["n_edits"] == 3
     m = json.loads((out / "wise.json").read_text())
     assert m["base"]["embedded"] is True
-    assert set(m["base"]["files"]) == {"model.safetensors"}
+    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(m["base"]["files"])
+    assert "config.json" not in m["base"]["files"] and len(m["base"]["config_sha256"]) == 64
     assert [e["id"] for e in m["edits"]] == ["e1", "e2", "e3"]
     assert m["config"]["max_steps"] == 10 and m["config"]["n_prefixes"] == 2
     assert len(m["editor"]["prefixes"]) == 2 and len(m["editor"]["negatives"]) == 4

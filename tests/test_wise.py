@@ -359,3 +359,17 @@ def test_rewordings_are_extra_rows_of_each_edit(model_dir):
         rows[n] = int((row_edit == 0).sum())
         assert (batch.labels[row_edit >= 0] != -100).any(-1).all()  # every edit row has its answer
     assert rows == {0: 1 + len(PREFIXES), 3: 1 + len(PREFIXES) + 3}
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_nothing(model_dir):
+    """lr 5 with replay 10 blows up on these tiny models' curvature: the run must say so."""
+    from wisecli.errors import TrainingDiverged
+    sess = open_model(str(model_dir), device="cpu")
+    cfg = WiseConfig(**{**LEARN, "learning_rate": 50.0, "replay_weight": 100.0, "edits_per_shard": 1,
+                        "shards_per_merge": 1})
+    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.prepare()
+    with pytest.raises(TrainingDiverged, match="training diverged") as exc:
+        editor.apply(RECORDS)
+    assert "learning_rate" in exc.value.hint
+    assert sess.mem.n_memories <= 1 and bool(torch.isfinite(sess.mem.memories).all())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -185,7 +186,10 @@ def _write_aux(tmp: Path, base_dir: Path, weights: list[Path], report: Progress)
 
 
 def is_patched(path: Path) -> bool:
-    return (Path(path) / MANIFEST_NAME).is_file()
+    """A directory with either half of a patch (a lone half is an error to report, never the
+    base to load without its edits)."""
+    p = Path(path)
+    return (p / MANIFEST_NAME).exists() or (p / MANIFEST_NAME).is_symlink() or (p / WEIGHTS_NAME).exists()
 
 
 def base_config(model_dir: Path) -> dict:
@@ -310,12 +314,10 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     if not weights:
         raise ModelError(f"{weights_dir}: no weight files (*.safetensors, *.bin)",
                          hint="pass a Hugging Face checkpoint directory")
-    files = {}
-    for f in weights:
-        report(f"hashing {f.name}")
-        files[f.name] = sha256_file_cached(f)
+    files = _hash_files(weights + [f for f in base_aux_files(base_dir) if f.name != "config.json"], report)
     full = _full_manifest(manifest, out, weights_dir, files, tensors, embedded=not patch_only)
-    text = json.dumps(full, indent=2, sort_keys=False) + "\n"
+    full["base"]["config_sha256"] = config_digest(base_config(base_dir))
+    json.dumps(full)  # a manifest that cannot be written fails here, before gigabytes are copied
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -325,15 +327,40 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
         # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
         safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
         safetensors.torch.save_file(safe, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / MANIFEST_NAME).write_text(text)
+        full["state_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
         move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_error(exc, out)
         raise
     if not patch_only:
         for f in weights:
             _alias_cache(f, out / f.name)
     return out
+
+
+def _hash_files(paths: list[Path], report: Progress) -> dict[str, str]:
+    files = {}
+    for f in paths:
+        report(f"hashing {f.name}")
+        files[f.name] = sha256_file_cached(f)
+    return files
+
+
+def config_digest(config: dict) -> str:
+    """SHA-256 of a config as canonical JSON: a patched directory nests the base's config
+    rather than keeping its file, so the file's bytes are not what is compared."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _raise_disk_error(exc: BaseException, out: Path) -> None:
+    """A full disk or a file-size limit while writing: a user's problem, said in one line."""
+    text = str(exc)
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if full or "File too large" in text or "No space left" in text:
+        raise WiseError(f"{out}: the disk is full or a file-size limit was reached while writing; "
+                        "nothing was written", hint="free space (or raise the limit) and run again") from None
 
 
 # --------------------------------------------------------------------------- read
@@ -347,12 +374,18 @@ def _read_manifest(path: Path) -> dict:
     mf = path / MANIFEST_NAME
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory")
-    if not mf.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST_NAME}; not a checkpoint written by wise")
+    if not (mf.exists() or mf.is_symlink()):
+        raise CheckpointError(f"{path}: {WEIGHTS_NAME} without its {MANIFEST_NAME}: the checkpoint is incomplete"
+                              if (path / WEIGHTS_NAME).exists() else
+                              f"{path}: no {MANIFEST_NAME}; not a checkpoint written by wise")
     try:
-        m = json.loads(mf.read_text())
+        if not mf.is_file():
+            raise CheckpointError(f"{mf}: not a regular file")
+        m = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{mf}: not valid JSON ({e})") from e
+        raise CheckpointError(f"{mf}: not valid JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{mf}: not valid JSON (nested too deeply)") from None
     if not isinstance(m, dict):
         raise CheckpointError(f"{mf}: expected a JSON object")
     v = m.get("format_version")
@@ -399,7 +432,22 @@ def _load_tensors(path: Path, specs: dict[str, dict]) -> dict[str, torch.Tensor]
     return tensors
 
 
-def _verify_base(path: Path, base_dir: Path, files: dict[str, str]) -> None:
+def _verify_state(path: Path, manifest: dict) -> None:
+    """wise.safetensors is the file the manifest was written with (format 2 records its hash)."""
+    want = manifest.get("state_sha256")
+    wf = path / WEIGHTS_NAME
+    if want is None:
+        if manifest["format_version"] >= 2:
+            raise CheckpointError(f"{path / MANIFEST_NAME}: field 'state_sha256' is missing")
+        return  # format 1 kept no checksum
+    if not wf.is_file():
+        raise CheckpointError(f"{wf}: missing")
+    if not isinstance(want, str) or sha256_file_cached(wf) != want:
+        raise CheckpointError(f"{wf}: does not match the SHA-256 recorded in {MANIFEST_NAME} (corrupted or changed)",
+                              hint="restore the checkpoint, or re-create it with wise edit")
+
+
+def _verify_base(path: Path, base_dir: Path, files: dict[str, str], config_sha: str | None = None) -> None:
     """The side memory was trained against these exact weights; on any other base it
     would route and correct wrongly without any visible error."""
     mf = path / MANIFEST_NAME
@@ -415,6 +463,9 @@ def _verify_base(path: Path, base_dir: Path, files: dict[str, str]) -> None:
                                   hint="restore the base model, or re-run wise edit on it")
         if sha256_file_cached(f) != want:
             raise CheckpointError(f"{f}: SHA-256 does not match the base recorded in {mf}", hint=_STALE_HINT)
+    if config_sha is not None and config_digest(base_config(base_dir)) != config_sha:
+        raise CheckpointError(f"{base_dir / 'config.json'}: the base's config differs from the one recorded in {mf}",
+                              hint=_STALE_HINT)
 
 
 def read_checkpoint(path: Path, *, verify: bool = True, base: Path | None = None,
@@ -429,6 +480,7 @@ def read_checkpoint(path: Path, *, verify: bool = True, base: Path | None = None
     """
     path = Path(path)
     manifest = _read_manifest(path)
+    _verify_state(path, manifest)
     tensors = _load_tensors(path, manifest["tensors"])
     manifest, tensors = upgrade(manifest, tensors, str(path / MANIFEST_NAME))
     meta = manifest["base"]
@@ -436,7 +488,7 @@ def read_checkpoint(path: Path, *, verify: bool = True, base: Path | None = None
         if base is not None:
             raise CheckpointError(f"{path}: --base is for --patch-only checkpoints; this one holds its base weights")
         if verify:
-            _verify_base(path, path, meta["files"])
+            _verify_base(path, path, meta["files"], meta.get("config_sha256"))
         base_dir = path
     else:
         base_dir = _locate_base(path, meta, base, verify, elsewhere)
@@ -449,18 +501,18 @@ def _locate_base(path: Path, meta: dict, given: Path | None, verify: bool,
     are the recorded ones; the recorded path's own error when none is."""
     if given is not None:
         if verify:
-            _verify_base(path, Path(given), meta["files"])
+            _verify_base(path, Path(given), meta["files"], meta.get("config_sha256"))
         return Path(given)
     recorded = (path / meta["path"]).resolve()  # relative to the checkpoint (format 1: absolute)
     if not verify:
         return recorded
     try:
-        _verify_base(path, recorded, meta["files"])
+        _verify_base(path, recorded, meta["files"], meta.get("config_sha256"))
         return recorded
     except CheckpointError as exc:
         for candidate in (elsewhere(meta) if elsewhere else []):
             try:
-                _verify_base(path, candidate, meta["files"])
+                _verify_base(path, candidate, meta["files"], meta.get("config_sha256"))
                 return candidate
             except CheckpointError:
                 continue

@@ -8,7 +8,9 @@ change fields whose best value depends on the model (its depth, its step size).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -103,6 +105,7 @@ class WiseConfig:
         _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(0.0 < self.layer_fraction <= 1.0, "layer_fraction", "must be in (0, 1]")
         _check(self.layer is None or self.layer >= 0, "layer", "must be >= 0")
+        _check(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2^32)")
         for name in ("edits_per_shard", "shards_per_merge", "max_steps", "check_every", "n_negatives",
                      "variants_per_step", "tokens_per_edit", "keys_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -160,27 +163,54 @@ REMOVED: dict[str, Any] = {"ties_density": 1.0, "old_memory_weight": 1.0, "weigh
                            "margin_weight": 1.0, "optimizer": "sgd", "route_by": "coverage"}
 
 
+INT_LIMIT = 2 ** 31   # every count and index fits; a seed is below 2 ** 32 (torch's generators)
+MAX_YAML_DEPTH = 16   # no knob nests: deeper is not a config
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """A user's value inside a message: its repr, cut (an alias bomb's repr is hundreds of MB)."""
+    short = reprlib.Repr()  # bounded: nested levels, list items and string lengths are cut
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, n, n
+    text = short.repr(value)
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT < value < INT_LIMIT
+
+
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """Check one YAML value against the field's declared type (YAML has no tuples)."""
+    """Check one YAML value against the field's declared type (YAML has no tuples): integers
+    within 2^31, floats finite."""
     name, typ = f.name, str(f.type)
     if value is None and "None" in typ:
         return None
     if typ.startswith("tuple"):
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-            raise ConfigError(f"{where}: field '{name}': expected a list of integers, got {value!r}")
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value[:1000]) or len(value) > 1000:
+            raise ConfigError(f"{where}: field '{name}': expected a list of integers, got {_short(value)}")
         return tuple(value)
     if typ.startswith("bool"):
         ok = isinstance(value, bool)
     elif typ.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = _is_int(value) or (name == "seed" and isinstance(value, int) and not isinstance(value, bool)
+                                and 0 <= value < 2 ** 32)
     elif typ.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300 \
+            and math.isfinite(value)
         value = float(value) if ok else value
     else:
-        ok = isinstance(value, str)
+        ok = isinstance(value, str) and len(value) < 1000
     if not ok:
-        raise ConfigError(f"{where}: field '{name}': expected {typ}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: field '{name}': expected {_kind(typ, name)}, got {type(value).__name__} "
+                          f"{_short(value)}")
     return value
+
+
+def _kind(typ: str, name: str) -> str:
+    if name == "seed":
+        return "an integer in [0, 2^32)"
+    return {"int": "an integer in (-2^31, 2^31)", "float": "a finite number", "bool": "true or false"}.get(
+        typ.split(" ")[0], typ)
 
 
 def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int] | None = None) -> WiseConfig:
@@ -191,9 +221,12 @@ def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int]
         return f"{where}:{lines[key]}" if key in lines else where
     data = _without_removed(data, at)
     known = {f.name: f for f in fields(WiseConfig)}
+    odd = next((k for k in data if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ConfigError(f"{where}: key {_short(odd)}: keys must be knob names, got {type(odd).__name__}")
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{at(unknown[0])}: unknown key '{unknown[0]}'",
+        raise ConfigError(f"{at(unknown[0])}: unknown key '{_short(unknown[0], 40).strip(chr(39))}'",
                           hint=f"known keys: {', '.join(sorted(known))}")
     values = {k: _coerce(known[k], v, at(k)) for k, v in data.items()}
     try:
@@ -207,9 +240,57 @@ def _without_removed(data: dict[str, Any], at: Callable[[str], str]) -> dict[str
     for key in sorted(set(data) & set(REMOVED)):
         if data[key] != REMOVED[key] or isinstance(data[key], bool):
             raise ConfigError(f"{at(key)}: field '{key}' was removed in wise 0.2.0; it only ever had "
-                              f"effect away from {REMOVED[key]!r} (got {data[key]!r})",
+                              f"effect away from {REMOVED[key]!r} (got {_short(data[key])})",
                               hint=f"delete '{key}' from the config")
     return {k: v for k, v in data.items() if k not in REMOVED}
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, without aliases (``*name``: an alias bomb is a few lines that expand to
+    gigabytes) and nested at most MAX_YAML_DEPTH deep."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def read_yaml(p: Path) -> tuple[dict[str, Any], str]:
+    """A config file's mapping and text; every way it can be broken is a ConfigError naming it."""
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    data = p.read_bytes()
+    if len(data) > 1 << 20:
+        raise ConfigError(f"{p}: {len(data)} bytes: too large for a config")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
+    try:
+        loaded = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{line}: not valid YAML ({_short(getattr(exc, 'problem', None) or exc, 120)})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"{p}: not valid YAML (a value its tag cannot hold: {type(exc).__name__})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of hyper-parameters at the top level")
+    return loaded, text
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -230,19 +311,7 @@ def load_config(path: str | Path | None, model_type: str | None = None,
     data: dict[str, Any] = dict(base) if base is not None else dict(PRESETS.get(model_type or "", {}))
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        text = p.read_text(encoding="utf-8")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of hyper-parameters at the top level")
+        loaded, text = read_yaml(p)
         # validate the file's own keys with its name and their lines in the message
         from_dict(loaded, str(p), _key_lines(text))
         data.update(loaded)

@@ -14,6 +14,8 @@ from .errors import InputError
 
 FORMATS = ("jsonl", "mend-zsre", "easyedit", "knowedit", "wikibio")
 _OPTIONAL_STR = ("locality_prompt", "locality_ground_truth", "subject", "ground_truth")
+MAX_DEPTH = 64        # nesting of JSON values: no edit format nests deeper than a few levels
+MAX_DIGITS = 100      # a number longer than this is no edit's data, and int() of 4300+ digits fails
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,53 @@ def _read_text(path: str | Path) -> tuple[Path, str]:
                          hint="save the file as UTF-8") from None
 
 
+def _short(value: Any, n: int = 60) -> str:
+    """A user's value inside a message: its repr, cut, so a message stays one line."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise ValueError(f"a number of {len(digits)} digits")
+    return int(digits)
+
+
+def _loads(path: Path, text: str, line: int | None = None) -> Any:
+    """json.loads with every way it can fail on hostile text turned into an InputError."""
+    try:
+        value = json.loads(text, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
+                         line=line or exc.lineno) from None
+    except RecursionError:
+        raise InputError(path, f"invalid JSON: nested more than {MAX_DEPTH} levels deep", line=line) from None
+    except ValueError as exc:
+        raise InputError(path, f"invalid JSON: {exc}", line=line) from None
+    if _depth(value) > MAX_DEPTH:
+        raise InputError(path, f"invalid JSON: nested more than {MAX_DEPTH} levels deep", line=line)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest, without recursion (a deep value must not crash us)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, d = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _is_json_list(path: Path, text: str) -> bool:
     return path.suffix.lower() == ".json" or text.lstrip()[:1] == "["
 
 
 def _parse_json_list(path: Path, text: str) -> list[Any]:
     """Parse a whole-file JSON list; syntax errors anywhere are reported, whatever the slice."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno,
-                         hint="a .json file must hold one JSON list; use .jsonl for one object per line") from None
+    items = _loads(path, text)
     if not isinstance(items, list):
         raise InputError(path, f"expected a JSON list of records, got {_jtype(items)}",
                          hint="use .jsonl for one object per line")
@@ -85,10 +123,7 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, Any]]:
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            rows.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+        rows.append((lineno, _loads(path, line, lineno)))
     return rows
 
 
@@ -100,7 +135,17 @@ def _check_str(path: Path, line: int, value: Any, field: str, label: str = "") -
         raise InputError(path, f"{label}expected a string, got {_jtype(value)}", line=line, field=field)
     if not value.strip():
         raise InputError(path, f"{label}must not be empty", line=line, field=field)
+    _check_unicode(path, line, value, field, label)
     return value
+
+
+def _check_unicode(path: Path, line: int | None, value: str, field: str, label: str = "") -> None:
+    """Text that cannot be written out (a lone surrogate such as "\\ud800") is no text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(path, f"{label}not valid Unicode: an unpaired surrogate {value[exc.start]!r} "
+                         f"at character {exc.start + 1}", line=line, field=field) from None
 
 
 def _str_field(path: Path, line: int, obj: dict, key: str, *, required: bool) -> str | None:
@@ -138,6 +183,8 @@ def _portability_field(path: Path, line: int, value: Any) -> tuple[tuple[str, st
         if not all(isinstance(s, str) and s.strip() for s in pair):
             raise InputError(path, f"entry {i}: expected {{\"prompt\", \"ground_truth\"}} or [prompt, answer] "
                              f"with non-empty strings, got {json.dumps(item)[:60]}", line=line, field="portability")
+        for text in pair:
+            _check_unicode(path, line, text, "portability", f"entry {i}: ")
         pairs.append(pair)
     return tuple(pairs)
 
@@ -165,7 +212,7 @@ def _edits_from_rows(path: Path, rows: list[tuple[int, Any]], offset: int, limit
     for line, obj in rows[offset:stop]:
         rec = _from_jsonl(path, line, obj)
         if rec.id in first_line:
-            raise InputError(path, f"duplicate id {rec.id!r} (first used on line {first_line[rec.id]})",
+            raise InputError(path, f"duplicate id {_short(rec.id)} (first used on line {first_line[rec.id]})",
                              line=line, field="id")
         first_line[rec.id] = line
         records.append(rec)
@@ -290,12 +337,24 @@ def _from_list_item(path: Path, fmt: str, index: int, raw: Any) -> EditRecord:
         if not fields[name]:
             raise InputError(path, f"record #{index} has no usable value (expected a non-empty string)",
                              line=index, field=key, hint="fix the record, or select a range without it (offset/limit)")
+    for name, value in fields.items():
+        for text in _strings(value):
+            _check_unicode(path, index, text, name, f"record #{index}: ")
     if not fields.get("locality_prompt"):
         fields["locality_ground_truth"] = None  # an answer without its prompt can be neither scored nor routed
     case_id = raw.get("case_id")  # CounterFact's own id, so results cross-reference published cases
     rid = f"case-{case_id}" if isinstance(case_id, (int, str)) and not isinstance(case_id, bool) \
         else default_id(fields["prompt"], fields["target_new"])
     return EditRecord(id=rid, source=f"{path}:#{index}", **fields)
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings of a mapped field (a string, or tuples of them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _edits_from_list(path: Path, items: list[Any], offset: int, limit: int | None) -> list[EditRecord]:

@@ -52,6 +52,10 @@ class CheckpointError(WiseError):
     """A patched checkpoint that is incomplete, tampered with, or whose base does not match."""
 
 
+class TrainingDiverged(WiseError):
+    """An edit run whose optimisation went to NaN/Inf: nothing is written."""
+
+
 class DeviceError(WiseError):
     """A device or dtype that this machine cannot provide."""
 

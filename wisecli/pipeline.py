@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 from .checkpoint import write_checkpoint
-from .config import WiseConfig
+from .config import WiseConfig, load_config
 from .edits import EditRecord, load_edits, load_prompts
 from .errors import OutputExistsError
 from .metrics import EvalReport, evaluate
@@ -97,6 +97,8 @@ def edit(model: str | Session | None, edits: str | Path | Sequence[EditRecord], 
     t0 = time.perf_counter()
     records = list(edits) if not isinstance(edits, (str, Path)) else load_edits(Path(edits))
     negatives = load_prompts(Path(options.negatives)) if options.negatives else None
+    if options.config_file:  # its errors before minutes of model loading, not after
+        load_config(options.config_file, None, {"seed": options.seed})
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not options.force:
         raise OutputExistsError(f"{out} already exists", hint="pass --force to replace it")

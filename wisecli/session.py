@@ -17,7 +17,7 @@ import torch.nn as nn
 from .checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
 from .config import WiseConfig, load_config
 from .errors import CheckpointError, ConfigError, ModelError
-from .manifest import config_of, subjects_of
+from .manifest import check_state, config_of, subjects_of
 from .hf_remote import attach_layer
 from .models import (ALIASES, FFNTarget, alias_of, cache_dir, convert_alias, count_layers, get_module, load_model,
                      locate_ffn_out, pick_device, pick_dtype, resolve_base)
@@ -89,7 +89,9 @@ def read_patched(path: Path, base: str | None = None, verify: bool = True) -> Pa
     """A patched checkpoint with its base found: ``base`` (``--base PATH|ALIAS``), the recorded
     path, the recorded alias, or any cached model whose weights hash as recorded."""
     given = resolve_base(base) if base else None
-    return read_checkpoint(path, verify=verify, base=given, elsewhere=_other_bases)
+    ckpt = read_checkpoint(path, verify=verify, base=given, elsewhere=_other_bases)
+    check_state(ckpt.manifest, ckpt.tensors, str(Path(path) / "wise.safetensors"))
+    return ckpt
 
 
 def _other_bases(meta: dict) -> list[Path]:

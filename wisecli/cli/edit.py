@@ -21,7 +21,7 @@ def edit(
     layer: Annotated[Optional[int], typer.Option(help="Decoder block whose FFN output projection gets the side memory (default ≈ 0.8 × depth).")] = None,
     module_path: Annotated[Optional[str], typer.Option(help="Dotted path of the FFN output projection, for architectures wise does not know.")] = None,
     negatives: Annotated[Optional[Path], typer.Option(help="Irrelevant prompts for the router (txt, JSONL, or an edit file's locality prompts). Default: text the model writes itself.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for prefixes, negatives and shard masks.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=2 ** 32 - 1, help="Seed for prefixes, negatives and shard masks.")] = None,
     patch_only: Annotated[bool, typer.Option("--patch-only", help="Write only the wise files and a hash-checked reference to the base.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip measuring the edits after training.")] = False,

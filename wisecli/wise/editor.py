@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
+from ..errors import TrainingDiverged
 from .augment import (embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
 from .maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
@@ -24,6 +25,16 @@ from .maths import (common_basis, counted_tokens, distinct_tokens, loudest_token
 from .memory import SideMemoryLayer
 from .router import RouterConfig
 from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
+
+
+def _check_finite(res: ShardResult, index: int, cfg: WiseConfig) -> None:
+    """A shard whose update went to NaN or Inf would be merged into the memory and saved: every
+    edit it holds lost, and every later score with them.  Stop the run instead."""
+    if not bool(torch.isfinite(res.delta).all()):
+        raise TrainingDiverged(
+            f"shard {index}: training diverged (the side memory's update went to NaN/Inf)",
+            hint=f"lower learning_rate (now {cfg.learning_rate}) or replay_weight (now {cfg.replay_weight}) "
+                 "in --config; nothing was written")
 
 
 @dataclass
@@ -198,6 +209,7 @@ class WiseEditor:
                 res = train_shard(self.model, self.mem, self.blocks, self.layer, batch, row_edit,
                                   start, mask, cfg, forward=forward, progress=report,
                                   replay=self._replay(), known=known)
+                _check_finite(res, index, cfg)
                 results.append(res)
                 self.state.shards_trained += 1
                 done += len(shard)
