@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from wisecli import checkpoint as ck
+from wisecli import atomic, checkpoint as ck
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime safely in the past, so hashes may be cached
@@ -337,6 +337,7 @@ def test_failed_swap_restores_old(base, tmp_path, monkeypatch):
             raise OSError("simulated")
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the two-rename path, as without renameat2
     with pytest.raises(OSError, match="simulated"):
         ck.write_checkpoint(out, base_dir=base, tensors={}, manifest={**manifest(), "n": 2}, force=True)
     assert ck.read_checkpoint(out).manifest["n"] == 1

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from wisecli.checkpoint import sha256_file_cached
 from wisecli.errors import ModelError
+from wisecli.paths import cache_dir
 
 try:  # POSIX only; elsewhere conversions are simply not serialised.
     import fcntl
@@ -98,18 +99,6 @@ def fetch_gguf(name: str, scratch: Path) -> Path:
     except (ImportError, importlib.metadata.PackageNotFoundError, FileNotFoundError) as e:
         raise ModelError(f"model '{name}' is not installed ({short_message(e)})",
                          hint=_ALIASES[name].pip_install) from e
-
-
-def cache_dir() -> Path:
-    """``$WISE_CACHE``, else ``$XDG_CACHE_HOME/wise``, else ``~/.cache/wise``.
-
-    Read on every call (not at import) so tests and users can redirect it.
-    """
-    if os.environ.get("WISE_CACHE"):
-        return Path(os.environ["WISE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "wise"
-    return Path.home() / ".cache" / "wise"
 
 
 def aliases_hint() -> str:

@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -36,10 +35,12 @@ from typing import Callable
 import safetensors.torch
 import torch
 
+from wisecli import atomic
 from wisecli.bundle import modeling_source
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
 from wisecli.hf_remote import MODELING_FILE, PATCHED_ARCHITECTURE, PATCHED_MODEL_TYPE
 from wisecli.manifest import FORMAT_VERSION, upgrade
+from wisecli.paths import cache_dir
 WEIGHTS_NAME = "wise.safetensors"
 MANIFEST_NAME = "wise.json"
 
@@ -82,11 +83,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("WISE_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = os.path.join(xdg, "wise")
-    return Path(root) / "hashes.json"
+    return cache_dir() / "hashes.json"
 
 
 def _load_cache() -> dict[str, dict]:
@@ -282,21 +279,6 @@ def _full_manifest(manifest: dict, out: Path, base_path: Path, files: dict[str, 
     return full
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Swap with two renames; if the second fails, put the old checkpoint back."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tensor],
                      manifest: dict, patch_only: bool = False, force: bool = False,
                      progress: Progress | None = None) -> Path:
@@ -319,19 +301,20 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     full["base"]["config_sha256"] = config_digest(base_config(base_dir))
     json.dumps(full)  # a manifest that cannot be written fails here, before gigabytes are copied
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_aux(tmp, base_dir, [] if patch_only else weights, report)
-        report(f"writing {WEIGHTS_NAME}")
-        # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
-        safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
-        safetensors.torch.save_file(safe, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        full["state_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
-        move_into_place(tmp, out)
+        with atomic.locked(out):
+            atomic.recover(out)
+            _check_target(out, [base_dir, weights_dir], force)  # again: another writer may have finished
+            with atomic.building(out) as tmp:
+                _write_aux(tmp, base_dir, [] if patch_only else weights, report)
+                report(f"writing {WEIGHTS_NAME}")
+                # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
+                safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+                safetensors.torch.save_file(safe, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+                full["state_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
+                (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
+                atomic.swap_in(tmp, out)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         _raise_disk_error(exc, out)
         raise
     if not patch_only:

@@ -24,7 +24,8 @@ import torch
 
 from .aliases import convert_alias, convert_gguf, fetch_gguf
 from .batching import encode_pairs
-from .checkpoint import base_aux_files, is_patched, move_into_place, sha256_file_cached
+from . import atomic
+from .checkpoint import base_aux_files, is_patched, sha256_file_cached
 from .errors import CheckpointError, OutputExistsError, WiseError
 from .models import set_module
 from .session import Session
@@ -136,18 +137,15 @@ def check_output(out: Path, force: bool, gguf: bool) -> None:
 
 def write_merged(sess: Session, out: Path, provenance: dict) -> Path:
     """The folded model as a plain Hugging Face checkpoint, with the base's tokenizer files."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        sess.model.save_pretrained(str(tmp))
-        for f in base_aux_files(sess.base_dir):
-            if not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
-        (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic.locked(out):
+        atomic.recover(out)
+        with atomic.building(out) as tmp:
+            sess.model.save_pretrained(str(tmp))
+            for f in base_aux_files(sess.base_dir):
+                if not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+            atomic.swap_in(tmp, out)
     return out
 
 
@@ -177,7 +175,8 @@ def write_gguf(sess: Session, out: Path, source: Callable[[Path], Path]) -> Path
     folded = (weight.T if sess.target.kind == "conv1d" else weight).contiguous().cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    with tempfile.TemporaryDirectory() as scratch:
+    with atomic.locked(out), tempfile.TemporaryDirectory() as scratch:
+        atomic.recover(out)
         reader = GGUFReader(str(source(Path(scratch))))
         arch = reader.fields["general.architecture"].contents()
         name = _gguf_tensor(arch, sess.target.n_layers, sess.target.module_path)
