@@ -26,12 +26,13 @@ from .wise.memory import SideMemoryLayer
 
 
 def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "auto",
-         device_map: str | None = None, base: str | Path | None = None) -> tuple[nn.Module, Any]:
+         device_map: str | None = None, base: str | Path | None = None,
+         allow_pickle: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for MODEL as the CLI takes it: an alias, an HF directory, a .gguf
     file, or a patched checkpoint (its edits applied; ``base`` where a patch-only one's base
     is, when moved).  The tokenizer pads on the left."""
     sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
-                      base=str(base) if base is not None else None)
+                      base=str(base) if base is not None else None, allow_pickle=allow_pickle)
     sess.model.save_pretrained = _refuse_save  # its state dict is not a loadable checkpoint
     return sess.model, sess.tokenizer
 

@@ -98,13 +98,18 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     device_map: str | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an HF checkpoint for inference and editing: eval mode, every base weight frozen.
 
     The tokenizer pads on the left so that a batch of prompts ends on real
-    tokens, which is where generation and the next-token loss read from.
+    tokens, which is where generation and the next-token loss read from.  Weights are read
+    from safetensors only, unless ``allow_pickle``: unpickling a file can run its code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not allow_pickle:
+        _refuse_pickle(Path(model_dir))
 
     if device_map in (None, ""):
         placement: str | dict = {"": device}
@@ -118,7 +123,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, **given)
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, low_cpu_mem_usage=True, device_map=placement,
-            trust_remote_code=False, **given
+            trust_remote_code=False, use_safetensors=None if allow_pickle else True, **given
         )
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError(f"{model_dir}: out of GPU memory while loading",
@@ -129,6 +134,17 @@ def load_model(
     model.requires_grad_(False)
     _set_padding(model, tok, model_dir)
     return model, tok
+
+
+def _refuse_pickle(model_dir: Path) -> None:
+    """A base whose weights come only as pickles (``pytorch_model.bin``) is refused by name."""
+    safe = [p for p in model_dir.glob("*.safetensors") if p.name != "wise.safetensors"]
+    pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+    if pickled and not safe:
+        raise ModelError(f"{model_dir}: its weights are pickled ({pickled[0]}); wise reads only safetensors",
+                         hint=f"convert once: python -c \"from transformers import AutoModelForCausalLM as M; "
+                              f"M.from_pretrained('{model_dir}').save_pretrained('{model_dir}-st')\", "
+                              "or pass --allow-pickle if you trust the file")
 
 
 def _patched_base_config(model_dir: Path):

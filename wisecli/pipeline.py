@@ -59,6 +59,7 @@ class EditOptions:
     dtype: str = "auto"
     device_map: str | None = None
     base: str | None = None               # a patch-only checkpoint's base, when it was moved
+    allow_pickle: bool = False            # load *.bin weights (unpickling can run code)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def edit(model: str | Session | None, edits: str | Path | Sequence[EditRecord], 
 def _open(model: str | None, options: EditOptions, rep: Reporter) -> Session:
     sess = open_model(model, device=options.device, dtype=options.dtype, layer=options.layer,
                       module_path=options.module_path, device_map=options.device_map,
-                      progress=rep.status, config_file=options.config_file, base=options.base)
+                      progress=rep.status, config_file=options.config_file, base=options.base,
+                      allow_pickle=options.allow_pickle)
     rep.status(f"loaded {sess.origin} ({sess.target.model_type}, {sess.device}, "
                f"{str(sess.dtype).replace('torch.', '')}) in {sess.load_seconds:.1f}s; "
                f"side memory at {sess.target.module_path}")

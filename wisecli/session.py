@@ -53,7 +53,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
                layer: int | None = None, module_path: str | None = None,
                device_map: str | None = None,
                progress: Callable[[str], None] | None = None,
-               config_file: str | None = None, base: str | None = None) -> Session:
+               config_file: str | None = None, base: str | None = None, allow_pickle: bool = False) -> Session:
     """Load MODEL with a side memory attached.
 
     The memory's layer comes from, in order: ``layer``/``module_path`` (the CLI), the
@@ -73,7 +73,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         raise ConfigError(f"--base {base}: only a patched checkpoint takes a base; {spec or 'default'} is a model")
     else:
         base_dir, origin, alias = resolve_base(spec, progress=progress), spec or "default", alias_of(spec)
-    model, tok = load_model(base_dir, dev, dt, device_map=device_map)
+    model, tok = load_model(base_dir, dev, dt, device_map=device_map, allow_pickle=allow_pickle)
     if layer is None and module_path is None:
         layer = _config_layer(model, config_file)
     target = locate_ffn_out(model, layer=layer, module_path=module_path)

@@ -10,11 +10,12 @@ from transformers import AutoTokenizer
 
 from ..bench.run import measure_editing, measure_inference
 from ..bench.synthetic import SHAPES, synthetic_edits, synthetic_model
+from ..errors import WiseError
 from ..models import get_module, locate_ffn_out, pick_device, pick_dtype, resolve_base
 from ..report import summary_table
 from ..session import Session, attach, open_model
 from . import console
-from .options import Base, Device, DType, Json, Mode
+from .options import AllowPickle, Base, Device, DType, Json, Mode
 
 
 def bench(
@@ -27,6 +28,7 @@ def bench(
     config: Annotated[Optional[str], typer.Option("--config", help="YAML hyper-parameters, as for wise edit.")] = None,
     reps: Annotated[int, typer.Option(min=1, help="Interleaved repetitions for inference timing.")] = 5,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
     json_out: Json = False,
@@ -42,7 +44,7 @@ def bench(
     mode_name = mode.value
     say = lambda m: console.status(m, json_out)  # noqa: E731
     sess = _synthetic_session(synthetic, device, dtype) if synthetic else \
-        open_model(model, device=device, dtype=dtype, progress=say, base=base)
+        open_model(model, device=device, dtype=dtype, progress=say, base=base, allow_pickle=allow_pickle)
     records = synthetic_edits(edits)
     say(f"benchmarking {synthetic or model} on {sess.device} ({str(sess.dtype).replace('torch.', '')})")
     result = {"model": synthetic or model, "synthetic": bool(synthetic), "device": str(sess.device),
@@ -63,6 +65,8 @@ def bench(
 
 def _synthetic_session(name: str, device: str, dtype: str) -> Session:
     """A random model of a real shape, with the default model's tokenizer."""
+    if name not in SHAPES:  # before the tokenizer loads
+        raise WiseError(f"unknown --synthetic shape '{name}'", hint=f"choose from {', '.join(SHAPES)}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     tok = AutoTokenizer.from_pretrained(resolve_base("default"))

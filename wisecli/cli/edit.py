@@ -9,7 +9,7 @@ import typer
 from ..pipeline import EditOptions, edit as run_edit
 from ..report import eval_table, summary_table
 from . import console
-from .options import Base, Device, DeviceMap, DType, Json, Mode, ModelArg
+from .options import AllowPickle, Base, Device, DeviceMap, DType, Json, Mode, ModelArg
 
 
 def edit(
@@ -26,6 +26,7 @@ def edit(
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip measuring the edits after training.")] = False,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
     device_map: DeviceMap = None,
@@ -44,7 +45,8 @@ def edit(
     options = EditOptions(mode=mode.value if mode else None, config_file=str(config) if config else None,
                           layer=layer, module_path=module_path, negatives=str(negatives) if negatives else None,
                           seed=seed, patch_only=patch_only, force=force, evaluate=not no_eval,
-                          device=device, dtype=dtype, device_map=device_map, base=base)
+                          device=device, dtype=dtype, device_map=device_map, base=base,
+                          allow_pickle=allow_pickle)
     run = run_edit(model, edits, output, options, console.ConsoleReporter(json_out))
     summary = run.summary()
     if json_out:

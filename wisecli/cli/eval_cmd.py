@@ -12,7 +12,7 @@ from ..metrics import evaluate
 from ..report import eval_markdown, eval_table
 from ..session import open_model
 from . import console
-from .options import Base, Device, DeviceMap, DType, Json, ModelArg
+from .options import AllowPickle, Base, Device, DeviceMap, DType, Json, ModelArg
 
 Gate = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when the figure is below this.")]
 
@@ -28,6 +28,7 @@ def eval_cmd(
     min_generalization: Gate = None,
     min_locality: Gate = None,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
     device_map: DeviceMap = None,
@@ -46,7 +47,8 @@ def eval_cmd(
     records = load_edits(edits)
     extra = [(p, None) for p in load_prompts(locality)] if locality else None
     sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
-                      progress=lambda m: console.status(m, json_out), base=base)
+                      progress=lambda m: console.status(m, json_out), base=base,
+                      allow_pickle=allow_pickle)
     mem = sess.mem if sess.manifest is not None else None
     with console.progress_bar("evaluating", len(records), json_out) as bar:
         report = evaluate(sess.model, sess.tokenizer, mem, records, extra_locality=extra,

@@ -13,7 +13,7 @@ from ..export import check_output, folding_cost, gguf_source, memory_to_fold, wr
 from ..report import summary_table
 from ..session import open_model
 from . import console
-from .options import Base, Device, DType, Json, ModelArg
+from .options import AllowPickle, Base, Device, DType, Json, ModelArg
 
 
 class Target(str, Enum):
@@ -29,6 +29,7 @@ def export(
     edits: Annotated[Optional[Path], typer.Option(help="The edit file, so folding's cost on its locality prompts is measured too.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if an earlier export wrote it.")] = False,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "float32",
     json_out: Json = False,
@@ -46,7 +47,7 @@ def export(
     """
     check_output(output, force, gguf=to is Target.gguf)
     records = load_edits(edits) if edits else []
-    sess = open_model(str(model), device=device, dtype=dtype, base=base,
+    sess = open_model(str(model), device=device, dtype=dtype, base=base, allow_pickle=allow_pickle,
                       progress=lambda m: console.status(m, json_out))
     k = memory_to_fold(sess, memory)
     source = gguf_source(sess) if to is Target.gguf else None  # before the measuring, which takes a while

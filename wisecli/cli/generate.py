@@ -10,7 +10,7 @@ from rich.text import Text
 from ..session import open_model
 from ..wise.router import route_names
 from . import console
-from .options import Base, Device, DeviceMap, DType, Json, ModelArg
+from .options import AllowPickle, Base, Device, DeviceMap, DType, Json, ModelArg
 
 
 def generate(
@@ -18,6 +18,7 @@ def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 20,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
     device_map: DeviceMap = None,
@@ -30,7 +31,8 @@ def generate(
       wise generate patched/ "The capital of Australia is"
     """
     sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
-                      progress=lambda m: console.status(m, json_out), base=base)
+                      progress=lambda m: console.status(m, json_out), base=base,
+                      allow_pickle=allow_pickle)
     tok = sess.tokenizer
     enc = tok(prompts, return_tensors="pt", padding=True).to(sess.device)
     with torch.no_grad():

@@ -24,4 +24,6 @@ DeviceMap = Annotated[Optional[str], typer.Option(
 Base = Annotated[Optional[str], typer.Option(
     "--base", help="Where a --patch-only checkpoint's base is (a directory or an alias), when it is not at "
                    "the recorded path; checked against the recorded SHA-256.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also load weights stored as pickles (*.bin); unpickling can run code: only for files you trust.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; no progress bars.")]

@@ -12,7 +12,7 @@ import typer
 from ..api import load
 from ..errors import WiseError
 from . import console
-from .options import Base, Device, DType, ModelArg
+from .options import AllowPickle, Base, Device, DType, ModelArg
 
 
 def serve(
@@ -22,6 +22,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="The model id clients ask for (default: MODEL's last path part).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 512,
     base: Base = None,
+    allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
@@ -34,7 +35,7 @@ def serve(
     import uvicorn
 
     from ..serve import Engine, Worker, create_app
-    loaded, tokenizer = load(model, device=device, dtype=dtype, base=base)
+    loaded, tokenizer = load(model, device=device, dtype=dtype, base=base, allow_pickle=allow_pickle)
     served = name or Path(str(model)).name or str(model)
     worker = Worker()
     server = uvicorn.Server(uvicorn.Config(create_app(Engine(loaded, tokenizer, served, max_tokens, worker)),
