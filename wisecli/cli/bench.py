@@ -69,7 +69,7 @@ def _synthetic_session(name: str, device: str, dtype: str) -> Session:
         raise WiseError(f"unknown --synthetic shape '{name}'", hint=f"choose from {', '.join(SHAPES)}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    tok = AutoTokenizer.from_pretrained(resolve_base("default"))
+    tok = AutoTokenizer.from_pretrained(resolve_base("default"), trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
