@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from ..bench.run import measure_editing, measure_inference
 from ..bench.synthetic import SHAPES, synthetic_edits, synthetic_model
+from ..config import load_config
 from ..errors import WiseError
 from ..models import get_module, locate_ffn_out, pick_device, pick_dtype, resolve_base
 from ..report import summary_table
@@ -43,6 +44,8 @@ def bench(
     """
     mode_name = mode.value
     say = lambda m: console.status(m, json_out)  # noqa: E731
+    if config:  # its errors before the model loads
+        load_config(config, None)
     sess = _synthetic_session(synthetic, device, dtype) if synthetic else \
         open_model(model, device=device, dtype=dtype, progress=say, base=base, allow_pickle=allow_pickle)
     records = synthetic_edits(edits)
