@@ -25,6 +25,11 @@ demo: setup
 	$(BIN)/wise edit smollm2-135m examples/edits.jsonl -o demo-out/patched --force
 	$(BIN)/wise eval demo-out/patched examples/edits.jsonl
 	$(BIN)/wise generate demo-out/patched "The capital of Australia is" "The capital of Canada is"
+	# where the model is used, before (the base) and after (patched): a 40-token continuation, a chat question
+	$(BIN)/wise generate smollm2-135m "The capital of Australia is" "The play Hamlet was written by" --max-new-tokens 40
+	$(BIN)/wise generate demo-out/patched "The capital of Australia is" "The play Hamlet was written by" --max-new-tokens 40
+	$(BIN)/wise generate smollm2-135m --chat "What is the capital of Australia?" "Who wrote the play Hamlet?" --max-new-tokens 40
+	$(BIN)/wise generate demo-out/patched --chat "What is the capital of Australia?" "Who wrote the play Hamlet?" --max-new-tokens 40
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests

@@ -215,3 +215,21 @@ def test_every_json_output_shares_one_top_level(patched, files, tiny_llama_dir, 
     for kind, obj in outputs.items():
         assert list(obj)[:2] == ["schema", "wise_version"], kind
         assert obj["schema"] == f"wise/{kind}/1" and obj["wise_version"] == __version__
+
+
+def test_eval_measures_use_and_gates_on_it(patched, files):
+    """The use figures are in --json and the manifest; their gates agree with them; chat is
+    n/a for a tokenizer without a chat template, which passes --min-chat."""
+    out, _ = patched
+    code, res = invoke("eval", out, files["edits"], "--json", "--min-chat", "0.9")
+    assert code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["chat_accuracy"] is None
+    for key in ("repetition", "leakage", "same_subject_locality"):
+        assert report[key] is None or 0.0 <= report[key] <= 1.0
+    assert report["generation_entropy"] >= 0
+    assert all(len(e["use"]["continuation"]) > 0 for e in report["edits"])
+    code, res = invoke("eval", out, files["edits"], "--json", "--max-repetition", "0")
+    assert code == (3 if report["repetition"] > 0 else 0)
+    manifest = json.loads((out / "wise.json").read_text())
+    assert "repetition" in manifest["metrics"] and "chat_accuracy" in manifest["metrics"]

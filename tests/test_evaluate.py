@@ -24,7 +24,8 @@ WORDS = ("<pad> <eos> <unk> the a of is in capital city river king queen paris l
          "music plays team red blue green big small old new sea book film song name was and "
          "mountain lake").split()
 TOP_KEYS = {"n_edits", "reliability", "generalization", "locality", "generated_accuracy",
-            "portability", "perplexity", "seconds", "edits"}
+            "portability", "perplexity", "seconds", "edits", "chat_accuracy", "repetition", "leakage",
+            "generation_entropy", "same_subject_locality"}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -178,8 +179,13 @@ def test_report_dict_and_rendering(tok, patched):
     d = json.loads(json.dumps(rep.to_dict()))
     assert set(d) == TOP_KEYS and d["n_edits"] == 4 and len(d["edits"]) == 4
     assert d["perplexity"] >= 1.0
-    for key in TOP_KEYS - {"edits", "n_edits", "perplexity"}:
-        assert d[key] is None or (isinstance(d[key], float) and 0.0 <= d[key] <= (1.0 if key != "seconds" else 1e9))
+    for key in TOP_KEYS - {"edits", "n_edits", "perplexity", "seconds", "generation_entropy"}:
+        assert d[key] is None or (isinstance(d[key], float) and 0.0 <= d[key] <= 1.0), key
+    assert d["seconds"] > 0 and d["generation_entropy"] >= 0
+    assert d["chat_accuracy"] is None  # this tokenizer has no chat template: not measured, not failed
+    use = d["edits"][0]["use"]
+    assert len(use["continuation"]) > 0 and use["chat_question"] is None
+    assert use["same_subject"] is None  # a lower-case prompt names no subject: no probes
     assert d["edits"][0]["generalization"] is not None and d["edits"][3]["generalization"] is None
     assert d["edits"][2]["portability"] is not None and d["edits"][0]["portability"] is None
     md = eval_markdown(rep)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from .errors import InputError
 
 FORMATS = ("jsonl", "mend-zsre", "easyedit", "knowedit", "wikibio")
-_OPTIONAL_STR = ("locality_prompt", "locality_ground_truth", "subject", "ground_truth")
+_OPTIONAL_STR = ("locality_prompt", "locality_ground_truth", "subject", "ground_truth", "question")
 MAX_DEPTH = 64        # nesting of JSON values: no edit format nests deeper than a few levels
 MAX_DIGITS = 100      # a number longer than this is no edit's data, and int() of 4300+ digits fails
 
@@ -32,6 +32,10 @@ class EditRecord:
     ground_truth: str | None = None  # the old (true) answer, where the format gives it
     portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) pairs
     source: str | None = None  # "path:line" (JSONL) or "path:#index" (JSON list) for messages
+    question: str | None = None  # the edit asked as a chat question (derived when absent)
+    # Prompts about the subject with other relations, and their answer (None: the unedited
+    # model's own), whose answers must not change.
+    same_subject: tuple[tuple[str, str | None], ...] = ()
 
 
 def default_id(prompt: str, target_new: str) -> str:
@@ -202,7 +206,23 @@ def _from_jsonl(path: Path, line: int, obj: Any) -> EditRecord:
     return EditRecord(id=rid, prompt=prompt, target_new=target,
                       rephrase=_rephrase_field(path, line, obj.get("rephrase")),
                       portability=_portability_field(path, line, obj.get("portability")),
+                      same_subject=_same_subject_field(path, line, obj.get("same_subject")),
                       source=f"{path}:{line}", **extra)
+
+
+def _same_subject_field(path: Path, line: int, value: Any) -> tuple[tuple[str, str | None], ...]:
+    """A list of prompts, or of {"prompt", "ground_truth"|"answer"} objects."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InputError(path, f"expected a list, got {_jtype(value)}", line=line, field="same_subject")
+    out = []
+    for i, item in enumerate(value, 1):
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        answer = _first(item.get("ground_truth", item.get("answer"))) if isinstance(item, dict) else None
+        out.append((_check_str(path, line, prompt, "same_subject", f"entry {i}: "),
+                    None if answer is None else _check_str(path, line, answer, "same_subject", f"entry {i}: ")))
+    return tuple(out)
 
 
 def _edits_from_rows(path: Path, rows: list[tuple[int, Any]], offset: int, limit: int | None) -> list[EditRecord]:
@@ -258,10 +278,13 @@ def _qa_entries(groups: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def _knowedit_locality(locality: Any) -> dict[str, str]:
-    """One locality probe per record, as in EasyEdit's own KnowEdit runs: the first usable entry."""
+def _knowedit_locality(locality: Any) -> dict[str, Any]:
+    """One locality probe per record, as in EasyEdit's own KnowEdit runs: the first usable entry;
+    the Relation_Specificity entries (the subject's other relations) are its same-subject probes."""
     pairs = _qa_entries(locality)
-    return {"locality_prompt": pairs[0][0], "locality_ground_truth": pairs[0][1]} if pairs else {}
+    same = _qa_entries({"r": locality.get("Relation_Specificity")}) if isinstance(locality, dict) else []
+    return ({"locality_prompt": pairs[0][0], "locality_ground_truth": pairs[0][1]} if pairs else {}) | \
+        ({"same_subject": tuple(same)} if same else {})
 
 
 def _map_mend(r: dict) -> dict[str, Any]:
@@ -442,4 +465,6 @@ def record_to_json(rec: EditRecord) -> dict:
     out.update({k: getattr(rec, k) for k in _OPTIONAL_STR if getattr(rec, k) is not None})
     if rec.portability:
         out["portability"] = [{"prompt": q, "ground_truth": a} for q, a in rec.portability]
+    if rec.same_subject:
+        out["same_subject"] = [{"prompt": q, "ground_truth": a} if a else q for q, a in rec.same_subject]
     return out

@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from .batching import encode_answer, encode_pairs
+from . import usage
 from .edits import EditRecord
+from .usage import Use
 from .wise.maths import target_accuracy, target_nll
 from .wise.memory import SideMemoryLayer
 from .wise.router import NO_MEMORY
@@ -46,6 +48,7 @@ class EditResult:
     generated_text: str
     routed: bool | None             # the prompt went through a side memory; None without a memory
     perplexity: float | None = None  # exp(mean NLL) of target_new after the prompt
+    use: Use | None = None           # chat, fluency, same-subject (usage.py); None if not measured
 
 
 @dataclass
@@ -59,13 +62,21 @@ class EvalReport:
     edits: list[EditResult]
     seconds: float
     perplexity: float | None = None
-
+    # Where the model is used (usage.py): None where not measured (or no chat template).
+    chat_accuracy: float | None = None
+    repetition: float | None = None
+    leakage: float | None = None
+    generation_entropy: float | None = None
+    same_subject_locality: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "reliability": self.reliability,
                 "generalization": self.generalization, "locality": self.locality,
                 "generated_accuracy": self.generated_accuracy, "portability": self.portability,
-                "perplexity": self.perplexity, "seconds": self.seconds, "edits": [asdict(e) for e in self.edits]}
+                "perplexity": self.perplexity, "chat_accuracy": self.chat_accuracy,
+                "repetition": self.repetition, "leakage": self.leakage,
+                "generation_entropy": self.generation_entropy, "same_subject_locality": self.same_subject_locality,
+                "seconds": self.seconds, "edits": [asdict(e) for e in self.edits]}
 
 
 # ---- small helpers ------------------------------------------------------------------
@@ -213,12 +224,14 @@ def _locality(model, tok, mem: SideMemoryLayer | None, items: list[tuple[str, st
 def evaluate(model, tokenizer, mem: SideMemoryLayer | None, edits: list[EditRecord], *,
              extra_locality: list[tuple[str, str | None]] | None = None,
              batch_size: int = 16, generate: bool = True, max_new_tokens: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+             use: bool = True, progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Score ``edits`` on the model as it is now (after all edits: the lifelong setting).
 
-    ``extra_locality`` pairs count in the total locality only.  The model is put in eval mode
-    for the run (dropout would make the numbers random) and restored afterwards.
+    ``extra_locality`` pairs count in the total locality only; ``use`` adds the measurements
+    of use (chat, fluency, same-subject: ``usage.py``; needs ``generate``).  The model is put in
+    eval mode for the run (dropout would make the numbers random) and restored afterwards.
     """
+    use = use and generate
     t0 = time.perf_counter()
     probes = [(i, kind, q, a) for i, e in enumerate(edits) for kind, q, a in
               [("rel", e.prompt, e.target_new)] + [("gen", r, e.target_new) for r in e.rephrase]
@@ -227,7 +240,7 @@ def evaluate(model, tokenizer, mem: SideMemoryLayer | None, edits: list[EditReco
     loc_items += list(extra_locality or [])
     n_own = sum(a is None for _, a in loc_items) if mem is not None else 0
     total = len(probes) + (len(loc_items) + n_own if mem is not None else 0) \
-        + (len(edits) if generate else 0)
+        + (len(edits) if generate else 0) + (usage.work(edits, tokenizer, mem is not None) if use else 0)
     done = 0
 
     def tick(n: int) -> None:
@@ -245,11 +258,15 @@ def evaluate(model, tokenizer, mem: SideMemoryLayer | None, edits: list[EditReco
         texts = _generate(model, tokenizer, [e.prompt for e in edits],
                           [max_new_tokens or len(encode_answer(tokenizer, e.target_new)) + 3
                            for e in edits], batch_size, tick) if generate else None
+        uses, totals = usage.measure(model, tokenizer, mem, edits, batch_size=batch_size, generate=_generate,
+                                     locality=_locality, tick=tick) if use else ([None] * len(edits), {})
     finally:
         model.train(was_training)
     results = _results(edits, probes, scored, loc, texts, mem is not None)
+    for r, u in zip(results, uses):
+        r.use = u
     extra = loc[sum(1 for e in edits if e.locality_prompt):]
-    return EvalReport(
+    return EvalReport(**totals,
         n_edits=len(edits),
         reliability=_mean([r.reliability for r in results]),
         generalization=_mean([r.generalization for r in results]),
@@ -287,3 +304,18 @@ def _results(edits: list[EditRecord], probes: list[tuple[int, str, str, str]],
             routed=(r is not None and r != NO_MEMORY) if has_memory else None,
             perplexity=ppl.get(i)))
     return results
+
+
+def failed_gates(report: EvalReport, minimum: dict[str, float | None], maximum: dict[str, float | None]) -> list[dict]:
+    """The CI gates a report fails: a figure below its minimum or above its maximum.  A figure
+    not measured fails its gate, except chat accuracy without a chat template (n/a)."""
+    failed = []
+    for name, bound in minimum.items():
+        value = getattr(report, name)
+        if bound is not None and (value is None and name != "chat_accuracy" or value is not None and value < bound):
+            failed.append({"metric": name, "value": value, "min": bound})
+    for name, bound in maximum.items():
+        value = getattr(report, name)
+        if bound is not None and (value is None or value > bound):
+            failed.append({"metric": name, "value": value, "max": bound})
+    return failed

@@ -79,6 +79,35 @@ def eval_table(report: EvalReport, title: str = "wise eval", per_edit: bool = Tr
     return table
 
 
+USE_ROWS = (("chat accuracy", "chat_accuracy"), ("repetition (target 3+ times in 40 tokens)", "repetition"),
+            ("leakage (another edit's target)", "leakage"), ("generation entropy", "generation_entropy"),
+            ("same-subject locality", "same_subject_locality"))
+
+
+def use_table(report: EvalReport, title: str = "where the model is used") -> Table:
+    """The use measurements in total, and each edit's chat reply and continuation."""
+    table = Table(title=title, title_justify="left")
+    for name in ("id", "chat", "reply", "rep", "leaks", "same-subj", "continuation"):
+        table.add_column(name, overflow="ellipsis", no_wrap=name in ("reply", "continuation"))
+    for e in report.edits:
+        u = e.use
+        if u is None:
+            continue
+        table.add_row(Text(e.id), _mark(None if u.chat_correct is None else float(u.chat_correct)),
+                      Text(_cut(u.chat_reply or MISSING)), str(u.repeats), Text(", ".join(u.leaked) or MISSING),
+                      fmt(u.same_subject), Text(_cut(u.continuation)))
+    return table
+
+
+def use_totals(report: EvalReport) -> Table:
+    return summary_table(f"use, in total ({report.n_edits} edits)",
+                         {name: _total(getattr(report, key)) for name, key in USE_ROWS})
+
+
+def _total(x: float | None) -> str:
+    return "n/a" if x is None else (f"{x:.2f}" if x > 1 else f"{x:.3f}")
+
+
 def _md(text: str) -> str:
     """Escape what would break a Markdown table cell."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -93,6 +122,9 @@ def eval_markdown(report: EvalReport) -> str:
         lines.append(f"| {name} | {fmt(value)} |")
     if report.perplexity is not None:
         lines.append(f"| target perplexity | {report.perplexity:.3f} |")
+    for name, key in USE_ROWS:
+        if any(e.use is not None for e in report.edits):
+            lines.append(f"| {name} | {_total(getattr(report, key))} |")
     lines.append(f"| seconds | {report.seconds:.1f} |")
     if report.edits:
         cols, routed = _columns(report), _has(report, "routed")

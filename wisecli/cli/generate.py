@@ -7,6 +7,7 @@ import torch
 import typer
 from rich.text import Text
 
+from ..errors import WiseError
 from ..session import open_model
 from ..wise.router import route_names
 from . import console
@@ -17,6 +18,7 @@ def generate(
     model: ModelArg,
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 20,
+    chat: Annotated[bool, typer.Option("--chat", help="Ask each prompt as a user's message through the model's chat template.")] = False,
     base: Base = None,
     allow_pickle: AllowPickle = False,
     device: Device = "auto",
@@ -26,15 +28,21 @@ def generate(
 ) -> None:
     """Generate greedily from PROMPTS.
 
-    Example:
+    Examples:
 
       wise generate patched/ "The capital of Australia is"
+
+      wise generate patched/ --chat "What is the capital of Australia?" --max-new-tokens 40
     """
     sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
                       progress=lambda m: console.status(m, json_out), base=base,
                       allow_pickle=allow_pickle)
     tok = sess.tokenizer
-    enc = tok(prompts, return_tensors="pt", padding=True).to(sess.device)
+    if chat and not getattr(tok, "chat_template", None):
+        raise WiseError(f"{model}: its tokenizer has no chat template; drop --chat")
+    texts_in = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in prompts] if chat else prompts
+    enc = tok(texts_in, return_tensors="pt", padding=True, add_special_tokens=not chat).to(sess.device)
     with torch.no_grad():
         out = sess.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
@@ -46,5 +54,5 @@ def generate(
         console.print_json("generate", {"model": str(model), "generations": rows})
         return
     for row in rows:
-        console.out.print(Text(row["prompt"], style="bold") + Text(row["completion"]))
+        console.out.print(Text(row["prompt"], style="bold") + Text(("\n" if chat else "") + row["completion"]))
         console.err.print(f"[dim]  memory: {row['memory']}[/dim]")
