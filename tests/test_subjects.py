@@ -29,3 +29,27 @@ def test_prompt_texts_read_only_the_masked_tokens():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])  # padding, then an answer token left out
     texts = prompt_texts(ids, mask, lambda row: " ".join(map(str, row)))
     assert texts == ["5 6", "7 8 9"]
+
+
+def test_the_current_sentence_names_a_subject_and_a_boundary_clears_it():
+    """SentenceSubjects follows token ids: a subject after the last '.' is named; a new '.'
+    clears it; a subject spelled across tokens is found when its last token arrives."""
+    import torch
+
+    from conftest import make_tokenizer
+    from wisecli.wise.subjects import SentenceSubjects
+    tok = make_tokenizer()
+    follow = SentenceSubjects(tok)
+    subjects = [(0, "france"), (1, "big tower"), (1, None)]
+    ids = lambda text: torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])  # noqa: E731
+    named = follow.in_sentence(ids("the capital of france is"), None, subjects, 2)
+    assert named[:, 0].tolist() == [True, False]
+    named = follow.in_sentence(ids("the capital of france is . the queen lives in"), None, subjects, 2)
+    assert named[:, 0].tolist() == [False, False]  # france is in an earlier sentence
+    span = follow.span(subjects, torch.device("cpu"))
+    assert span == 2
+    recent = ids("lives in")[:, -span:]
+    for word, want in (("the", [False, False]), ("big", [False, False]), ("tower", [False, True]),
+                       ("is", [False, True]), (".", [False, False])):
+        recent, named = follow.step(recent, ids(word), named, subjects)
+        assert named[:, 0].tolist() == want, word

@@ -80,8 +80,7 @@ def load_patched(path: str, **load_kwargs: Any) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(weights, config=config, **load_kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-    layer = attach_layer(model, manifest["target"],
-                         lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    layer = attach_layer(model, manifest["target"], tokenizer)
     tensors = safetensors.torch.load_file(os.path.join(path, "wise.safetensors"))
     subjects = [(int(e["memory"]), e.get("subject")) for e in manifest["edits"] if e.get("memory") is not None]
     layer.load_wise_state(tensors, subjects)
@@ -90,12 +89,12 @@ def load_patched(path: str, **load_kwargs: Any) -> PreTrainedModel:
     return model
 
 
-def attach_layer(model: torch.nn.Module, target: dict, decode: Any) -> SideMemoryLayer:
+def attach_layer(model: torch.nn.Module, target: dict, tokenizer: Any) -> SideMemoryLayer:
     """Swap the FFN output projection at ``target['module_path']`` for a side-memory layer."""
     parent_path, _, child = target["module_path"].rpartition(".")
     parent = model.get_submodule(parent_path)
     layer = SideMemoryLayer(getattr(parent, child), target["kind"], target["in_features"],
-                            target["out_features"], decode=decode)
+                            target["out_features"], tokenizer=tokenizer)
     setattr(parent, child, layer)
     install(model, layer)
     return layer

@@ -45,8 +45,7 @@ class Session:
 def attach(model: nn.Module, target: FFNTarget, tokenizer: Any = None) -> SideMemoryLayer:
     """Swap the FFN output projection for a SideMemoryLayer wrapping it (peft-style), as
     plain transformers does for a patched checkpoint (``hf_remote.attach_layer``)."""
-    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
-    return attach_layer(model, asdict(target), decode)
+    return attach_layer(model, asdict(target), tokenizer)
 
 
 def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,7 @@ class SideMemoryLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
-                 decode: Callable[[list[int]], str] | None = None) -> None:
+                 tokenizer: Any = None) -> None:
         super().__init__()
         self.base_layer, self.kind = base_layer, kind
         self.in_features, self.out_features = in_features, out_features
@@ -60,7 +60,7 @@ class SideMemoryLayer(nn.Module):
         # Per edit: (memory, subject or None), in edit order (the subject gate's; text, so
         # it lives in the manifest, not in a buffer).
         self.edit_subjects: list[tuple[int, str | None]] = []
-        self.router = Router(RouterConfig.plain(), decode)
+        self.router = Router(RouterConfig.plain(), tokenizer)
         # Transient, never saved.
         self._ctx = RouteContext()
         self._train_delta: torch.Tensor | None = None

@@ -20,13 +20,13 @@ writes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .maths import activation_score, project_out, scored_tokens
-from .subjects import prompt_texts, subject_open
+from .subjects import SentenceSubjects, prompt_texts, subject_open
 
 NO_MEMORY = -1  # route index meaning "main memory"
 # From this many memories (retrieve mode at T=1000 holds 100) D_k a is computed only for the
@@ -184,9 +184,14 @@ DeltaOut = Callable[[int], torch.Tensor]  # k -> D_k a for this call's input, (B
 class Router:
     """Routing settings, the per-call context, and the decision of the last prompt."""
 
-    def __init__(self, cfg: RouterConfig, decode: Callable[[list[int]], str] | None = None) -> None:
+    def __init__(self, cfg: RouterConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
-        self.decode = decode  # the tokenizer's, for the subject gate; None: keys decide
+        # The subject gate reads the prompt's text (decoded once per call) and follows generated
+        # text on token ids; without a tokenizer, keys decide.
+        self.decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+        self.sentences = SentenceSubjects(tokenizer) if tokenizer is not None else None
+        self._recent: torch.Tensor | None = None     # (B, m) the last generated tokens
+        self._sentence: torch.Tensor | None = None   # (K, B) memories the current sentence names
         self.held: torch.Tensor | None = None         # (B,) the prompt's route, kept while decoding
         self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
         self.last_scores: torch.Tensor | None = None  # (K, B) gated scores of the last decision
@@ -195,7 +200,7 @@ class Router:
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
 
     def configure(self, cfg: RouterConfig) -> None:
-        self.cfg, self.held, self._prompt_named = cfg, None, None
+        self.cfg, self.held, self._prompt_named, self._sentence = cfg, None, None, None
 
     # ---- per call ----------------------------------------------------------------------------
     def context(self, input_ids: torch.Tensor | None, token_mask: torch.Tensor | None,
@@ -209,13 +214,33 @@ class Router:
             batch = next((t.shape[0] for t in (input_ids, token_mask) if t is not None), None)
             kept = self._prompt_named
             if decoding and kept is not None and kept[0].shape[1] == batch:
-                named = kept
+                named = self._follow(input_ids, kept, bank) if not self.cfg.hold else kept
             elif input_ids is not None:
-                texts = prompt_texts(input_ids, token_mask, self.decode)
-                found, keyed = subject_open(texts, bank.edit_subjects, bank.n_memories)
-                dev = bank.memories.device
-                named = self._prompt_named = (found.to(dev), keyed.to(dev))
+                named = self._read_prompt(input_ids, token_mask, bank)
         return RouteContext(token_mask, decoding, *(named or (None, None)))
+
+    def _read_prompt(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                     bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's subject answer (its text, decoded once); and, for generation that is not
+        held, what its last sentence names, from which generated tokens are followed."""
+        found, keyed = subject_open(prompt_texts(ids, mask, self.decode), bank.edit_subjects, bank.n_memories)
+        dev = bank.memories.device
+        self._prompt_named = (found.to(dev), keyed.to(dev))
+        if not self.cfg.hold and self.sentences is not None:
+            span = self.sentences.span(bank.edit_subjects, ids.device)
+            self._recent = torch.nn.functional.pad(ids, (max(0, span - ids.shape[1]), 0), value=-1)[:, -span:]
+            self._sentence = self.sentences.in_sentence(ids, mask, bank.edit_subjects, bank.n_memories).to(dev)
+        return self._prompt_named
+
+    def _follow(self, ids: torch.Tensor | None, kept: tuple[torch.Tensor, torch.Tensor],
+                bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A generation step's subject answer: what the current sentence of the text so far names."""
+        if ids is None or self._sentence is None or self._recent is None or self._recent.shape[0] != ids.shape[0]:
+            return kept
+        self._recent, sentence = self.sentences.step(self._recent, ids[:, -1:].to(self._recent.device),
+                                                     self._sentence.to(ids.device), bank.edit_subjects)
+        self._sentence = sentence.to(bank.memories.device)
+        return self._sentence, kept[1]
 
     def route(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
         """(B,) memory index per example, NO_MEMORY for the main memory."""

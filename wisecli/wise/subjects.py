@@ -63,3 +63,87 @@ def prompt_texts(input_ids: torch.Tensor, token_mask: torch.Tensor | None,
         return [decode(row) for row in ids]
     mask = token_mask[:, -input_ids.shape[1]:].tolist()
     return [decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(ids, mask)]
+
+
+BOUNDARY_CHARS = (".", "!", "?", "\n", "Ċ", "<0x0A>")  # "Ċ" / "<0x0A>": a newline in byte-level vocabularies
+
+
+class SentenceSubjects:
+    """The subject gate for generated text, on token ids: which memories' subjects the current
+    sentence names.  A reply that moves on to another subject ("Perth. The capital of New
+    Zealand is") no longer opens the memory, and nothing is decoded or synced per token."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self._boundary: torch.Tensor | None = None
+        self._compiled: tuple[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def boundary(self, device: torch.device) -> torch.Tensor:
+        """(V,) bool: tokens that end a sentence (built once, from the vocabulary's strings)."""
+        if self._boundary is None or self._boundary.device != device:
+            vocab = self._tok.get_vocab()
+            mask = torch.zeros(max(len(self._tok), max(vocab.values()) + 1), dtype=torch.bool)
+            mask[[i for s, i in vocab.items() if any(c in s for c in BOUNDARY_CHARS)]] = True
+            self._boundary = mask.to(device)
+        return self._boundary
+
+    def sequences(self, subjects: Sequence[tuple[int, str | None]], device: torch.device
+                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{length: (token sequences (S, length), their memory (S,))} of every subject, in the
+        spellings a text may use (leading space or not, capitalised or not)."""
+        key = (tuple(subjects), str(device))
+        if self._compiled is None or self._compiled[0] != key:
+            groups: dict[int, dict[tuple[int, ...], int]] = {}
+            for k, subject in subjects:
+                for text in _spellings(subject):
+                    ids = tuple(self._tok(text, add_special_tokens=False)["input_ids"])
+                    if ids:
+                        groups.setdefault(len(ids), {})[ids] = k
+            self._compiled = (key, {n: (torch.tensor(list(g), device=device), torch.tensor(list(g.values()), device=device))
+                                    for n, g in groups.items()})
+        return self._compiled[1]
+
+    def in_sentence(self, ids: torch.Tensor, mask: torch.Tensor | None, subjects: Sequence[tuple[int, str | None]],
+                    n_memories: int) -> torch.Tensor:
+        """(K, B): memories whose subject occurs after each row's last sentence boundary."""
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -ids.shape[1]:].bool()
+        boundary = self.boundary(ids.device)
+        ends = boundary[ids.clamp(0, boundary.numel() - 1)] & real
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        last = torch.where(ends, positions, torch.full_like(positions, -1)).amax(dim=1)  # (B,)
+        counts = torch.zeros(n_memories, ids.shape[0], dtype=torch.int32, device=ids.device)
+        for n, (seqs, memory) in self.sequences(subjects, ids.device).items():
+            if ids.shape[1] < n:
+                continue
+            windows = ids.unfold(1, n, 1)  # (B, W, n): windows starting at 0..T-n
+            hit = (windows[:, :, None, :] == seqs[None, None]).all(-1)  # (B, W, S)
+            after = torch.arange(windows.shape[1], device=ids.device)[None, :] > last[:, None]
+            hit &= (after & real.unfold(1, n, 1).all(-1))[..., None]
+            counts.index_add_(0, memory, hit.any(1).T.to(torch.int32))
+        return counts > 0
+
+    def step(self, recent: torch.Tensor, new: torch.Tensor, named: torch.Tensor,
+             subjects: Sequence[tuple[int, str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """After one generated token per row (new: (B, 1)): a sentence boundary clears what the
+        sentence named; a subject ending at this token is named.  recent: (B, m) last tokens."""
+        boundary = self.boundary(new.device)
+        recent = torch.cat([recent[:, 1:], new], dim=1)
+        named = named & ~boundary[new[:, 0].clamp(0, boundary.numel() - 1)][None, :]
+        counts = named.to(torch.int32)
+        for n, (seqs, memory) in self.sequences(subjects, new.device).items():
+            if recent.shape[1] >= n:
+                hit = (recent[:, -n:][:, None, :] == seqs[None]).all(-1)  # (B, S)
+                counts.index_add_(0, memory, hit.T.to(torch.int32))
+        return recent, counts > 0
+
+    def span(self, subjects: Sequence[tuple[int, str | None]], device: torch.device) -> int:
+        """How many recent tokens ``step`` needs: the longest subject's."""
+        return max(self.sequences(subjects, device), default=1)
+
+
+def _spellings(subject: str | None) -> set[str]:
+    if not subject or not subject.strip():
+        return set()
+    s = " ".join(subject.split())
+    cased = {s, s.lower(), s[:1].upper() + s[1:]}
+    return cased | {f" {c}" for c in cased}
