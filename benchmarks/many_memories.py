@@ -81,7 +81,7 @@ def main() -> None:
     every, out_every = timed()
     router.SELECTIVE_FROM = default
     routable, out_routable = timed()
-    routes = mem.last_route.tolist()
+    routes = mem.answered_route.tolist()
     res = {"memories": k, "prompts": len(ROUTED + OTHER), "new_tokens": args.new_tokens,
            "seconds_unedited": base, "seconds_every_memory": every, "seconds_routable_only": routable,
            "overhead_every_memory": every / base - 1, "overhead_routable_only": routable / base - 1,

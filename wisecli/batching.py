@@ -51,14 +51,25 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
 
 
+def encode_query(tokenizer, query: str, templated: bool = False) -> list[int]:
+    """A prompt's tokens.  A chat-templated prompt is taken as it is (its special tokens and
+    the newline after the assistant header are the template's), a plain one stripped."""
+    if templated:
+        return tokenizer(query, add_special_tokens=False)["input_ids"]
+    return tokenizer(query.rstrip())["input_ids"]
+
+
 def encode_pairs(tokenizer, queries: list[str], answers: list[str | None],
-                 max_length: int = 256) -> Batch:
-    """Tokenise query + answer rows; an answer of None gives a query-only row."""
+                 max_length: int = 256, templated: list[bool] | None = None) -> Batch:
+    """Tokenise query + answer rows; an answer of None gives a query-only row.  An answer
+    right after a line break (a chat reply's first word) has no separating space."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows: list[tuple[list[int], list[int]]] = []
-    for q, a in zip(queries, answers):
-        q_ids = tokenizer(q.rstrip())["input_ids"]
-        a_ids = encode_answer(tokenizer, a) if a else []
+    for i, (q, a) in enumerate(zip(queries, answers)):
+        chat = bool(templated and templated[i])
+        q_ids = encode_query(tokenizer, q, chat)
+        a_ids = (tokenizer(a.strip(), add_special_tokens=False)["input_ids"] if chat and q.endswith("\n")
+                 else encode_answer(tokenizer, a)) if a else []
         keep_q = max(1, max_length - len(a_ids))
         rows.append((q_ids[-keep_q:], a_ids[:max_length - 1]))
     width = max(len(q) + len(a) for q, a in rows)

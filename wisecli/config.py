@@ -82,6 +82,8 @@ class WiseConfig:
     n_prefixes: int = 10
     # Copies of each prompt with a word or two of its template left out (gemma3's preset).
     n_rewordings: int = 0
+    # With a chat template: each edit also trains as a chat turn (augment.chat_turns).
+    chat_turns: bool = True
     # Rows per edit in one step (the bare prompt plus prefixed copies, drawn afresh)...
     variants_per_step: int = 3
     # ...within this many tokens per edit: a long prompt trains on its bare prompt alone.
@@ -97,8 +99,10 @@ class WiseConfig:
     score_pooling: str = "max"
     # Directions of irrelevant text's activations that side memories ignore (0: none).
     null_space_rank: int = 128
-    # Free generation: decide from the prompt, hold the decision for new tokens.
-    hold_routing: bool = True
+    # Free generation: False routes each generated token on its own (a memory answers while
+    # the text follows one of its targets, then rests until the sentence ends); True holds
+    # the prompt's decision for every new token (repeats the answer, misses chat replies).
+    hold_routing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -82,8 +82,9 @@ def load_patched(path: str, **load_kwargs: Any) -> PreTrainedModel:
     tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     layer = attach_layer(model, manifest["target"], tokenizer)
     tensors = safetensors.torch.load_file(os.path.join(path, "wise.safetensors"))
-    subjects = [(int(e["memory"]), e.get("subject")) for e in manifest["edits"] if e.get("memory") is not None]
-    layer.load_wise_state(tensors, subjects)
+    placed = [e for e in manifest["edits"] if e.get("memory") is not None]
+    layer.load_wise_state(tensors, [(int(e["memory"]), e.get("subject")) for e in placed],
+                          [(int(e["memory"]), e["target_new"]) for e in placed])
     layer.configure(RouterConfig.from_config(SimpleNamespace(**manifest["config"])))
     model.save_pretrained = _refuse_save  # its state dict is not a loadable checkpoint
     return model

@@ -164,6 +164,11 @@ def config_of(manifest: dict) -> WiseConfig:
     return from_dict(manifest["config"], "wise.json")
 
 
+def targets_of(manifest: dict) -> list[tuple[int, str]]:
+    """(memory, new target) per edit, in edit order: what generation follows while it answers."""
+    return [(int(e["memory"]), e["target_new"]) for e in manifest.get("edits", []) if e.get("memory") is not None]
+
+
 def subjects_of(manifest: dict) -> list[tuple[int, str | None]]:
     """(memory, subject or None) per edit, in edit order: the subject gate's state."""
     return [(int(e["memory"]), e.get("subject")) for e in manifest.get("edits", [])

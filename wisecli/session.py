@@ -17,7 +17,7 @@ import torch.nn as nn
 from .checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
 from .config import WiseConfig, load_config
 from .errors import CheckpointError, ConfigError, ModelError
-from .manifest import check_state, config_of, subjects_of
+from .manifest import check_state, config_of, subjects_of, targets_of
 from .hf_remote import attach_layer
 from .models import (ALIASES, FFNTarget, alias_of, cache_dir, convert_alias, count_layers, get_module, load_model,
                      locate_ffn_out, pick_device, pick_dtype, resolve_base)
@@ -131,7 +131,7 @@ def _restore(mem: SideMemoryLayer, ckpt: PatchedCheckpoint, target: FFNTarget) -
     if mems is None or tuple(mems.shape[1:]) != want:
         got = None if mems is None else tuple(mems.shape)
         raise CheckpointError(f"{ckpt.path}: side memory shape {got} does not fit {target.module_path} {want}")
-    mem.load_wise_state(ckpt.tensors, subjects_of(ckpt.manifest))
+    mem.load_wise_state(ckpt.tensors, subjects_of(ckpt.manifest), targets_of(ckpt.manifest))
     mem.configure(RouterConfig.from_config(config_of(ckpt.manifest)))
 
 

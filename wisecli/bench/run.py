@@ -40,15 +40,16 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _snapshot(editor: WiseEditor) -> tuple[dict, list, dict]:
-    return ({k: v.clone() for k, v in editor.mem.wise_state().items()}, list(editor.mem.edit_subjects),
+def _snapshot(editor: WiseEditor) -> tuple[dict, list, list, dict]:
+    mem = editor.mem
+    return ({k: v.clone() for k, v in mem.wise_state().items()}, list(mem.edit_subjects), list(mem.edit_targets),
             editor.state.to_dict())
 
 
-def _restore(editor: WiseEditor, snap: tuple[dict, list, dict]) -> None:
-    editor.mem.load_wise_state(snap[0], snap[1])
+def _restore(editor: WiseEditor, snap: tuple[dict, list, list, dict]) -> None:
+    editor.mem.load_wise_state(snap[0], snap[1], snap[2])
     editor.state = EditorState.from_dict({k: (list(v) if isinstance(v, list) else v)
-                                          for k, v in snap[2].items()})
+                                          for k, v in snap[3].items()})
 
 
 def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: str,

@@ -47,7 +47,7 @@ def generate(
         out = sess.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    route = sess.mem.held_route
+    route = sess.mem.answered_route
     routes = route_names(route) if route is not None and sess.mem.n_memories else ["main"] * len(prompts)
     rows = [{"prompt": p, "completion": t, "memory": r} for p, t, r in zip(prompts, texts, routes)]
     if json_out:

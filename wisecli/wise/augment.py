@@ -75,6 +75,20 @@ def with_prefix(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}" if prefix else prompt
 
 
+def chat_turns(tokenizer, prompt: str) -> list[str]:
+    """The edit as a chat turn, for tokenizers with a chat template: the prompt as the
+    user's message, followed by the reply's start (the answer comes first), and by a reply
+    that restates the prompt (the answer comes after it).  A deployed model is asked
+    through its template; an edit trained only as a bare completion is not answered there.
+    The user's message is the prompt itself, never a question: the questions a user asks
+    are left for the evaluation to ask."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return [head, head + prompt]
+
+
 def _entities() -> list[str]:
     text = resources.files("wisecli").joinpath("data/entities.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]

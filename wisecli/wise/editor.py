@@ -18,7 +18,7 @@ from ..batching import Batch, encode_pairs
 from ..config import WiseConfig
 from ..edits import EditRecord
 from ..errors import TrainingDiverged
-from .augment import (embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
+from .augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
 from .maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
@@ -146,7 +146,7 @@ class WiseEditor:
     # ---- training rows -----------------------------------------------------------
     def shard_batch(self, edits: list[EditRecord]) -> tuple[Batch, torch.Tensor]:
         """Each edit under every prefix (CE + margin), then the irrelevant prompts (margin)."""
-        queries, answers, row_edit = [], [], []
+        queries, answers, row_edit, templated = [], [], [], []
         prefixes = self.state.prefixes
         for i, e in enumerate(edits):
             # Reworded copies go under the prefixes in turn, so no two rows are alike.
@@ -154,10 +154,11 @@ class WiseEditor:
                 with_prefix(prefixes[j % len(prefixes)] if prefixes else "", text)
                 for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings,
                                                   self._edit_seed(e)))]
-            for text in variants:
-                queries.append(text)
-                answers.append(e.target_new)
-                row_edit.append(i)
+            chats = chat_turns(self.tok, e.prompt) if self.cfg.chat_turns else []
+            queries += variants + chats
+            answers += [e.target_new] * (len(variants) + len(chats))
+            row_edit += [i] * (len(variants) + len(chats))
+            templated += [False] * len(variants) + [True] * len(chats)
         for e in edits:  # near misses: always in the step (row -2)
             for text in self._near_misses(e):
                 queries.append(text)
@@ -167,7 +168,8 @@ class WiseEditor:
             queries.append(text)
             answers.append(None)
             row_edit.append(IRRELEVANT)
-        return encode_pairs(self.tok, queries, answers), torch.tensor(row_edit)
+        templated += [False] * (len(queries) - len(templated))
+        return encode_pairs(self.tok, queries, answers, templated=templated), torch.tensor(row_edit)
 
     # ---- the schedule --------------------------------------------------------------
     def _fold_into_last(self, n_edits: int) -> bool:
@@ -222,7 +224,8 @@ class WiseEditor:
             k = self._merge(results, start, group_edits, fold)
             for p, e in zip(placed[len(placed) - len(group_edits):], group_edits):
                 p["memory"], p["subject"] = k, subject_of(e.prompt, e.subject)
-            self.mem.add_subjects([(k, p["subject"]) for p in placed[len(placed) - len(group_edits):]])
+            self.mem.add_edits(k, [p["subject"] for p in placed[len(placed) - len(group_edits):]],
+                               [e.target_new for e in group_edits])
         return placed
 
     def _replay(self) -> torch.Tensor | None:

@@ -60,6 +60,8 @@ class SideMemoryLayer(nn.Module):
         # Per edit: (memory, subject or None), in edit order (the subject gate's; text, so
         # it lives in the manifest, not in a buffer).
         self.edit_subjects: list[tuple[int, str | None]] = []
+        # Per edit: (memory, new target): what generation follows while a memory answers.
+        self.edit_targets: list[tuple[int, str]] = []
         self.router = Router(RouterConfig.plain(), tokenizer)
         # Transient, never saved.
         self._ctx = RouteContext()
@@ -73,12 +75,14 @@ class SideMemoryLayer(nn.Module):
         return {name: getattr(self, name) for name in STATE_DTYPES}
 
     def load_wise_state(self, state: dict[str, torch.Tensor],
-                        subjects: Sequence[tuple[int, str | None]] = ()) -> None:
+                        subjects: Sequence[tuple[int, str | None]] = (),
+                        targets: Sequence[tuple[int, str]] = ()) -> None:
         """Restore every buffer (``manifest.upgrade_state`` has filled what older checkpoints lack)."""
         dev = self.memories.device
         for name, dtype in STATE_DTYPES.items():
             setattr(self, name, state[name].to(device=dev, dtype=dtype).clone())
         self.edit_subjects = [(int(k), s) for k, s in subjects]
+        self.edit_targets = [(int(k), t) for k, t in targets]
 
     def configure(self, routing: RouterConfig) -> None:
         """The one way routing settings reach the layer."""
@@ -99,6 +103,12 @@ class SideMemoryLayer(nn.Module):
     @property
     def held_route(self) -> torch.Tensor | None:
         return self.router.held
+
+    @property
+    def answered_route(self) -> torch.Tensor | None:
+        """(B,) the memory that answered a generation: the prompt's, else the first one a
+        generated token was routed to (NO_MEMORY: none)."""
+        return self.router.answered
 
     # ---- what editing changes ------------------------------------------------------------
     def calibrate(self, scale: float, basis: torch.Tensor) -> None:
@@ -131,8 +141,10 @@ class SideMemoryLayer(nn.Module):
         self.key_edit = torch.cat([self.key_edit, owner[real]])
         self.key_memory = torch.cat([self.key_memory, torch.full((int(real.sum()),), k, device=dev)])
 
-    def add_subjects(self, subjects: Sequence[tuple[int, str | None]]) -> None:
-        self.edit_subjects.extend((int(k), s) for k, s in subjects)
+    def add_edits(self, k: int, subjects: Sequence[str | None], targets: Sequence[str]) -> None:
+        """New edits held by memory k: their subjects and targets (text, in the manifest)."""
+        self.edit_subjects.extend((int(k), s) for s in subjects)
+        self.edit_targets.extend((int(k), t) for t in targets)
 
     def set_replay(self, factor: torch.Tensor, count: float) -> None:
         """Merge mode's replay factor (``maths.replay_factor``); empty for a fresh memory."""

@@ -70,6 +70,7 @@ class RouteContext:
     decoding: bool = False
     named: torch.Tensor | None = None
     keyed: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # (B, T) the call's input ids (a generated token when decoding)
 
     def mask_for(self, t: int) -> torch.Tensor | None:
         """The mask over the last ``t`` positions (a decode step sees one new token)."""
@@ -192,7 +193,11 @@ class Router:
         self.sentences = SentenceSubjects(tokenizer) if tokenizer is not None else None
         self._recent: torch.Tensor | None = None     # (B, m) the last generated tokens
         self._sentence: torch.Tensor | None = None   # (K, B) memories the current sentence names
+        self._track: torch.Tensor | None = None      # (B, E') targets a row's answer may still be
+        self._pos: torch.Tensor | None = None        # (B,) tokens of the answer generated so far
+        self._shut: torch.Tensor | None = None       # (K, B) answered already in this sentence
         self.held: torch.Tensor | None = None         # (B,) the prompt's route, kept while decoding
+        self.answered: torch.Tensor | None = None     # (B,) first memory used since the prompt
         self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
         self.last_scores: torch.Tensor | None = None  # (K, B) gated scores of the last decision
         self._prompt_named: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -217,7 +222,7 @@ class Router:
                 named = self._follow(input_ids, kept, bank) if not self.cfg.hold else kept
             elif input_ids is not None:
                 named = self._read_prompt(input_ids, token_mask, bank)
-        return RouteContext(token_mask, decoding, *(named or (None, None)))
+        return RouteContext(token_mask, decoding, *(named or (None, None)), ids=input_ids)
 
     def _read_prompt(self, ids: torch.Tensor, mask: torch.Tensor | None,
                      bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,22 +248,69 @@ class Router:
         return self._sentence, kept[1]
 
     def route(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
-        """(B,) memory index per example, NO_MEMORY for the main memory."""
+        """(B,) memory index per example, NO_MEMORY for the main memory.
+
+        Held (``hold_routing``): the prompt decides for every generated token.  Otherwise each
+        generated token is routed on its own, except that a memory keeps answering while the
+        text follows one of its edits' targets, and once it has answered it stays shut until
+        the sentence ends: a reply can reach an edited fact ("The capital of Australia is")
+        and move on after the answer instead of repeating it."""
         held = self.held
-        if ctx.decoding and self.cfg.hold and held is not None and held.shape[0] == a32.shape[0]:
-            route = held
+        if ctx.decoding and held is not None and held.shape[0] == a32.shape[0]:
+            route = held if self.cfg.hold else self._step(a32, ctx, bank, delta_out, held)
+            if self.answered is not None and self.answered.shape == route.shape:
+                self.answered = torch.where(self.answered >= 0, self.answered, route)
         else:
-            route = self.held = self._decide(a32, ctx, bank, delta_out)
-        self.last_route = route
+            self.answered = None
+            route = self._decide(a32, ctx, bank, delta_out)
+            if not self.cfg.hold:
+                self._start(route, bank)
+            self.answered = route
+        self.held = self.last_route = route
         return route
 
-    def _decide(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
+    def _start(self, route: torch.Tensor, bank: MemoryBank) -> None:
+        """After a prompt: rows routed to a memory follow its edits' targets from their start."""
+        if self.sentences is None or not bank.edit_targets:
+            self._track = None
+            return
+        _, _, owner = self.sentences.targets(bank.edit_targets, route.device)
+        self._track = (owner[None, :] == route[:, None]) & (route[:, None] >= 0)
+        self._pos = torch.zeros_like(route)
+        self._shut = torch.zeros(bank.n_memories, route.shape[0], dtype=torch.bool, device=route.device)
+
+    def _step(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
+              held: torch.Tensor) -> torch.Tensor:
+        """One generated token: keep an answer that is still being written, else route afresh."""
+        if self._track is None or ctx.ids is None or self._track.shape[0] != held.shape[0]:
+            return self._decide(a32, ctx, bank, delta_out)
+        table, lengths, owner = self.sentences.targets(bank.edit_targets, held.device)
+        y = ctx.ids[:, -1].to(held.device)
+        col = table.gather(1, self._pos.clamp(max=table.shape[1] - 1)[None, :].expand(table.shape[0], -1)).T
+        alive = self._track & (col == y[:, None]) & (self._pos[:, None] < lengths[None, :])
+        pos = self._pos + 1
+        complete = (alive & (lengths[None, :] == pos[:, None])).any(1)
+        going = (held >= 0) & alive.any(1) & ~complete
+        done = torch.nn.functional.one_hot(held.clamp(min=0), bank.n_memories).T.bool() & (complete & (held >= 0))[None]
+        boundary = self.sentences.boundary(held.device)[y.clamp(0, self.sentences.boundary(held.device).numel() - 1)]
+        self._shut = (self._shut | done) & ~boundary[None, :]
+        fresh = self._decide(a32, ctx, bank, delta_out, shut=self._shut)
+        route = torch.where(going, held, fresh)
+        started = (route >= 0) & ~going
+        self._track = torch.where(going[:, None], alive, (owner[None, :] == route[:, None]) & started[:, None])
+        self._pos = torch.where(going, pos, torch.zeros_like(pos))
+        return route
+
+    def _decide(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
+                shut: torch.Tensor | None = None) -> torch.Tensor:
         mask = ctx.mask_for(a32.shape[1])
         open_, rank = self._key_gates(a32, mask, bank)
         named = ctx.named if ctx.named is not None and ctx.named.shape[1] == a32.shape[0] else None
         if named is not None:  # the subject gate; the key gates only for edits without a subject
             key_open = open_ if open_ is not None else torch.ones_like(named)
             open_ = named | (ctx.keyed[:, None] & key_open)
+        if shut is not None:
+            open_ = (open_ if open_ is not None else torch.ones_like(shut)) & ~shut
         scores = self._scores(a32.shape[0], mask, open_, bank, delta_out)
         self.last_scores = scores
         return choose_memory(scores, bank.thresholds, rank)

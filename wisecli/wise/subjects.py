@@ -136,6 +136,24 @@ class SentenceSubjects:
                 counts.index_add_(0, memory, hit.T.to(torch.int32))
         return recent, counts > 0
 
+    def targets(self, targets: Sequence[tuple[int, str]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every edit's new target as token ids, as it follows a word or starts a line:
+        (T (E', L) padded with -1, lengths (E',), memory (E',))."""
+        key = ("targets", tuple(targets), str(device))
+        cached = getattr(self, "_targets_cache", None)
+        if cached is None or cached[0] != key:
+            rows = [(k, tuple(self._tok(text, add_special_tokens=False)["input_ids"]))
+                    for k, target in targets for text in {f" {target.strip()}", target.strip()}]
+            rows = [(k, ids) for k, ids in rows if ids] or [(0, (-2,))]
+            width = max(len(ids) for _, ids in rows)
+            table = torch.full((len(rows), width), -1, dtype=torch.long)
+            for i, (_, ids) in enumerate(rows):
+                table[i, :len(ids)] = torch.tensor(ids)
+            cached = self._targets_cache = (key, (table.to(device), torch.tensor([len(i) for _, i in rows], device=device),
+                                                  torch.tensor([k for k, _ in rows], device=device)))
+        return cached[1]
+
     def span(self, subjects: Sequence[tuple[int, str | None]], device: torch.device) -> int:
         """How many recent tokens ``step`` needs: the longest subject's."""
         return max(self.sequences(subjects, device), default=1)
