@@ -131,13 +131,14 @@ def main() -> None:
         sys.exit(f"quality.py: --save: {taken[0]} already exists; choose another directory")
     rows = []
     print(f"{'T':>6} {'rel':>6} {'gen':>6} {'loc':>6} {'gen-acc':>8} {'avg':>6} {'ppl':>8} "
-          f"{'base-ppl':>9} {'s/edit':>7}")
+          f"{'base-ppl':>9} {'chat':>6} {'rep':>6} {'leak':>6} {'same-s':>6} {'s/edit':>7}")
     for t in args.T:
         row = run_once(args, t)
         rows.append(row)
         print(f"{t:>6} {_f(row['reliability'])} {_f(row['generalization'])} {_f(row['locality'])} "
               f"{_f(row['generated_accuracy'], 8)} {_f(row['avg'])} {_f(row['perplexity'], 8)} "
-              f"{_f(row['base_perplexity'], 9)} {row['seconds_per_edit']:>7.2f}", flush=True)
+              f"{_f(row['base_perplexity'], 9)} {_f(row['chat_accuracy'])} {_f(row['repetition'])} "
+              f"{_f(row['leakage'])} {_f(row['same_subject_locality'])} {row['seconds_per_edit']:>7.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"quality-{Path(args.dataset).stem}-{Path(args.model).name}-{args.mode}" + \
