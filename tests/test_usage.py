@@ -16,6 +16,12 @@ from wisecli.usage import (fluency, names, ngram_entropy, question_for, same_sub
     ("Tokyo is the capital of", "Of which country is Tokyo the capital?"),
     ("What is the capital of France?", "What is the capital of France?"),
     ("Apple was founded by Steve Jobs and", "Fill in the blank: Apple was founded by Steve Jobs and ___"),
+    ("What is the twin city of Lyon? It is", "What is the twin city of Lyon?"),
+    ("Ferrari F40, developed by", "By whom was Ferrari F40 developed?"),
+    ("Anaal Nathrakh, that was created in", "Where was Anaal Nathrakh created?"),
+    ("Laurent Cars was employed in", "Where was Laurent Cars employed?"),
+    ("Inner Circle railway line can be found in", "Where can Inner Circle railway line be found?"),
+    ("Maso da San Friano passed away at", "Where did Maso da San Friano die?"),
 ])
 def test_questions_are_derived_from_the_prompt(prompt, question):
     assert question_for(EditRecord(id="x", prompt=prompt, target_new="t")) == question

@@ -40,7 +40,16 @@ _SHAPES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
      lambda m: f"By whom {m['v']} {_lower_article(m['x'])} {m['p']}?"),
     (re.compile(r"^(?P<x>(?:the|a|an) .+?) (?P<v>is|was|are|were)$", re.I),
      lambda m: f"{'Who' if _PERSON.search(m['x']) else 'What'} {m['v']} {_lower_article(m['x'])}?"),
+    # "Ferrari F40, developed by", "Anaal Nathrakh, that was created in", "X was employed in"
+    (re.compile(r"^(?P<x>.+?),? (?:that |which |who )?(?:(?P<v>is|was|are|were) )?"
+                r"(?P<p>\w+ed|\w+en|born|made|built) (?P<by>by|in|at)$", re.I),
+     lambda m: f"{'By whom' if m['by'].lower() == 'by' else 'Where'} {(m['v'] or 'was').lower()} "
+               f"{_lower_article(m['x'])} {m['p']}?"),
+    (re.compile(r"^(?P<x>.+?) can be found in$", re.I), lambda m: f"Where can {_lower_article(m['x'])} be found?"),
+    (re.compile(r"^(?P<x>.+?) (?:passed away|died) (?:in|at)$", re.I), lambda m: f"Where did {_lower_article(m['x'])} die?"),
 )
+# A question followed by the start of its answer: "What is the twin city of Lyon? It is".
+_ASKED = re.compile(r"^(?:.*[.!]\s+)?(?P<q>[^.!?]+\?)\s+\S[^?]*$")
 
 
 def _lower_article(text: str) -> str:
@@ -55,6 +64,9 @@ def question_for(record: EditRecord) -> str:
     prompt = " ".join(record.prompt.split())
     if prompt.endswith("?"):
         return prompt
+    asked = _ASKED.match(prompt)
+    if asked:
+        return asked["q"].strip()
     for shape, ask in _SHAPES:
         m = shape.match(prompt)
         if m:
