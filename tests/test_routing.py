@@ -153,3 +153,45 @@ def test_subject_gate_holds_while_generating(model_dir):
                                 pad_token_id=tok.pad_token_id)
         # the last step saw one new token, which names nothing: the prompt's answer stands
         assert mem.last_route.tolist() == [0, NO_MEMORY], hold
+
+
+# ---- generation routed token by token -------------------------------------------------------
+
+
+def _step(sess, ids: list[int], cache, mask: torch.Tensor):
+    """One model call on ``ids`` after ``cache``; the route the layer took."""
+    mask = torch.cat([mask, torch.ones(1, len(ids), dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        out = sess.model(input_ids=torch.tensor([ids]), attention_mask=mask, cache=cache, use_cache=True)
+    return int(sess.mem.last_route[0]), out.past_key_values, mask
+
+
+def test_a_memory_answers_its_target_then_rests_until_the_sentence_ends(model_dir):
+    """Not held: the memory keeps answering while the text follows its edit's target, is shut
+    once the target is written (no repetition), and opens again in a new sentence that names
+    the subject."""
+    sess = open_model(str(model_dir), device="cpu")
+    prompt = "the capital of france is"
+    _hand_set_memory(sess, prompt, "who plays music in the big city")
+    mem, tok = sess.mem, sess.tokenizer
+    mem.load_wise_state({**mem.wise_state(), "thresholds": torch.zeros(1)}, [(0, "france")], [(0, "paris city")])
+    mem.configure(replace(mem.router.cfg, subject_gate=True, hold=False))
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    route, cache, mask = _step(sess, ids(prompt), None, torch.zeros(1, 0, dtype=torch.long))
+    assert route == 0
+    target = ids(" paris city")
+    seen = []
+    for t in target + ids(" and the capital of france is"):
+        route, cache, mask = _step(sess, [t], cache, mask)
+        seen.append(route)
+    # while the target is written the memory answers; after it, shut though France is named
+    assert seen[:len(target) - 1] == [0] * (len(target) - 1)
+    assert set(seen[len(target):]) == {NO_MEMORY}
+    seen = []
+    for t in ids(". the capital of france is"):  # a sentence boundary opens it again
+        route, cache, mask = _step(sess, [t], cache, mask)
+        seen.append(route)
+    assert seen[-1] == 0

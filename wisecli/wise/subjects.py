@@ -77,6 +77,7 @@ class SentenceSubjects:
         self._tok = tokenizer
         self._boundary: torch.Tensor | None = None
         self._compiled: tuple[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._targets: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def boundary(self, device: torch.device) -> torch.Tensor:
         """(V,) bool: tokens that end a sentence (built once, from the vocabulary's strings)."""
@@ -140,8 +141,8 @@ class SentenceSubjects:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every edit's new target as token ids, as it follows a word or starts a line:
         (T (E', L) padded with -1, lengths (E',), memory (E',))."""
-        key = ("targets", tuple(targets), str(device))
-        cached = getattr(self, "_targets_cache", None)
+        key = (tuple(targets), str(device))
+        cached = self._targets
         if cached is None or cached[0] != key:
             rows = [(k, tuple(self._tok(text, add_special_tokens=False)["input_ids"]))
                     for k, target in targets for text in {f" {target.strip()}", target.strip()}]
@@ -150,8 +151,8 @@ class SentenceSubjects:
             table = torch.full((len(rows), width), -1, dtype=torch.long)
             for i, (_, ids) in enumerate(rows):
                 table[i, :len(ids)] = torch.tensor(ids)
-            cached = self._targets_cache = (key, (table.to(device), torch.tensor([len(i) for _, i in rows], device=device),
-                                                  torch.tensor([k for k, _ in rows], device=device)))
+            cached = self._targets = (key, (table.to(device), torch.tensor([len(i) for _, i in rows], device=device),
+                                            torch.tensor([k for k, _ in rows], device=device)))
         return cached[1]
 
     def span(self, subjects: Sequence[tuple[int, str | None]], device: torch.device) -> int:
