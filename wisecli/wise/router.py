@@ -261,7 +261,6 @@ class Router:
             if self.answered is not None and self.answered.shape == route.shape:
                 self.answered = torch.where(self.answered >= 0, self.answered, route)
         else:
-            self.answered = None
             route = self._decide(a32, ctx, bank, delta_out)
             if not self.cfg.hold:
                 self._start(route, bank)
@@ -292,8 +291,8 @@ class Router:
         complete = (alive & (lengths[None, :] == pos[:, None])).any(1)
         going = (held >= 0) & alive.any(1) & ~complete
         done = torch.nn.functional.one_hot(held.clamp(min=0), bank.n_memories).T.bool() & (complete & (held >= 0))[None]
-        boundary = self.sentences.boundary(held.device)[y.clamp(0, self.sentences.boundary(held.device).numel() - 1)]
-        self._shut = (self._shut | done) & ~boundary[None, :]
+        ends = self.sentences.boundary(held.device)
+        self._shut = (self._shut | done) & ~ends[y.clamp(0, ends.numel() - 1)][None, :]
         fresh = self._decide(a32, ctx, bank, delta_out, shut=self._shut)
         route = torch.where(going, held, fresh)
         started = (route >= 0) & ~going
