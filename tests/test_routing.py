@@ -195,3 +195,72 @@ def test_a_memory_answers_its_target_then_rests_until_the_sentence_ends(model_di
         route, cache, mask = _step(sess, [t], cache, mask)
         seen.append(route)
     assert seen[-1] == 0
+
+
+def test_once_the_target_is_written_the_cache_is_the_unedited_models(model_dir):
+    """The memory acted on every prompt position, so the cached states above its layer carry
+    the edit and would pull the answer back in ("Essex Essex Essex"); once the answer is
+    written the row's cache is recomputed without the memory."""
+    sess = open_model(str(model_dir), device="cpu", layer=1)  # layers above it hold a cache the edit reaches
+    prompt = "the capital of france is"
+    _hand_set_memory(sess, prompt, "who plays music in the big city")
+    mem, tok = sess.mem, sess.tokenizer
+    mem.load_wise_state({**mem.wise_state(), "thresholds": torch.zeros(1)}, [(0, "france")], [(0, "paris city")])
+    mem.configure(replace(mem.router.cfg, subject_gate=True, hold=False))
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    target = tok(" paris city", add_special_tokens=False)["input_ids"]
+    assert len(target) >= 2
+
+    def unedited_cache(tokens: list[int]):
+        with mem.main_only(), torch.no_grad():
+            return sess.model(input_ids=torch.tensor([tokens]), use_cache=True).past_key_values
+
+    def differs(cache, tokens: list[int]) -> float:
+        plain = unedited_cache(tokens)
+        return max(float((a.keys - b.keys).abs().max()) for a, b in zip(cache.layers, plain.layers))
+
+    route, cache, mask = _step(sess, ids, None, torch.zeros(1, 0, dtype=torch.long))
+    assert route == 0
+    for t in target[:-1]:
+        route, cache, mask = _step(sess, [t], cache, mask)
+        assert route == 0
+    assert differs(cache, ids + target[:-1]) > 1e-3  # the answer is being written: edited states
+    route, cache, mask = _step(sess, [target[-1]], cache, mask)
+    assert route == NO_MEMORY
+    assert differs(cache, ids + target) < 1e-4
+
+
+def test_the_cache_is_refreshed_only_for_the_rows_that_wrote_their_answer(model_dir):
+    """In a left-padded batch, a row that wrote its target gets the unedited cache; a row the
+    memory also answered, writing something else, keeps its own."""
+    sess = open_model(str(model_dir), device="cpu", layer=1)
+    a, b = "the capital of france is", "in france the best city of all is"
+    _hand_set_memory(sess, a, "who plays music in the big city")
+    mem, tok = sess.mem, sess.tokenizer
+    mem.load_wise_state({**mem.wise_state(), "thresholds": torch.zeros(1)}, [(0, "france")], [(0, "paris city")])
+    mem.configure(replace(mem.router.cfg, subject_gate=True, hold=False))
+    target = tok(" paris city", add_special_tokens=False)["input_ids"]
+    other = tok(" the sea and", add_special_tokens=False)["input_ids"][:len(target)]
+    assert len(other) == len(target) and other[0] != target[0]
+    tok.padding_side = "left"
+    enc = tok([a, b], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()
+    mask = enc["attention_mask"]
+    with torch.no_grad():
+        out = sess.model(**enc, use_cache=True)
+        assert mem.last_route.tolist() == [0, 0]
+        cache = out.past_key_values
+        for ta, tb in zip(target, other):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+            positions = mask.long().cumsum(-1)[:, -1:] - 1
+            cache = sess.model(input_ids=torch.tensor([[ta], [tb]]), attention_mask=mask, position_ids=positions,
+                               cache=cache, use_cache=True).past_key_values
+    assert mem.last_route.tolist() == [NO_MEMORY, 0]
+    with mem.main_only(), torch.no_grad():
+        ids = torch.cat([enc["input_ids"], torch.tensor([target, other])], dim=1)
+        plain = sess.model(input_ids=ids, attention_mask=mask,
+                           position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True).past_key_values
+    real = mask.bool()
+    gap = [max(float((c.keys[r][:, real[r]] - p.keys[r][:, real[r]]).abs().max())
+               for c, p in zip(cache.layers, plain.layers)) for r in range(2)]
+    assert gap[0] < 1e-4 < 1e-3 < gap[1]

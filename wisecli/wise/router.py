@@ -196,6 +196,10 @@ class Router:
         self._track: torch.Tensor | None = None      # (B, E') targets a row's answer may still be
         self._pos: torch.Tensor | None = None        # (B,) tokens of the answer generated so far
         self._shut: torch.Tensor | None = None       # (K, B) answered already in this sentence
+        self._next: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (going, alive, pos)
+        self._ids: torch.Tensor | None = None        # (B, n) the text so far: the prompt, then each new token
+        self._cached: torch.Tensor | None = None     # (B, n) the text whose states the cache holds
+        self._refresh: torch.Tensor | None = None    # (B,) rows whose answer was just written
         self.held: torch.Tensor | None = None         # (B,) the prompt's route, kept while decoding
         self.answered: torch.Tensor | None = None     # (B,) first memory used since the prompt
         self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
@@ -222,7 +226,36 @@ class Router:
                 named = self._follow(input_ids, kept, bank) if not self.cfg.hold else kept
             elif input_ids is not None:
                 named = self._read_prompt(input_ids, token_mask, bank)
+        if bank is not None and not self.cfg.hold:
+            self._note_text(input_ids, decoding, bank)
         return RouteContext(token_mask, decoding, *(named or (None, None)), ids=input_ids)
+
+    def _note_text(self, ids: torch.Tensor | None, decoding: bool, bank: MemoryBank) -> None:
+        """Keep the text the cache holds, and follow the answers being written (``_advance``)."""
+        self._next = self._refresh = None
+        if ids is None:
+            self._ids = self._cached = None
+            return
+        if not decoding or self._ids is None or self._ids.shape[0] != ids.shape[0]:
+            self._ids, self._cached = ids, None
+            return
+        self._cached, self._ids = self._ids, torch.cat([self._ids, ids.to(self._ids.device)], dim=1)
+        held = self.held
+        if self._track is not None and held is not None and self._track.shape[0] == held.shape[0] == ids.shape[0]:
+            self._advance(ids[:, -1].to(held.device), held, bank)
+
+    def refresh_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows whose memory has just written its answer, and the text the cache holds.
+
+        The memory acted on every prompt position, so the cached keys and values above its
+        layer carry the edit, and the unedited weights read it back after the answer
+        ("Essex Essex Essex"): those rows' cache is to be recomputed without the memory.
+        One host sync per generated token while a memory may answer (transformers' own
+        stopping check already syncs each step)."""
+        rows, self._refresh = self._refresh, None
+        if rows is None or self._cached is None or not bool(rows.any()):
+            return None
+        return rows, self._cached
 
     def _read_prompt(self, ids: torch.Tensor, mask: torch.Tensor | None,
                      bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,21 +311,28 @@ class Router:
         self._pos = torch.zeros_like(route)
         self._shut = torch.zeros(bank.n_memories, route.shape[0], dtype=torch.bool, device=route.device)
 
-    def _step(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
-              held: torch.Tensor) -> torch.Tensor:
-        """One generated token: keep an answer that is still being written, else route afresh."""
-        if self._track is None or ctx.ids is None or self._track.shape[0] != held.shape[0]:
-            return self._decide(a32, ctx, bank, delta_out)
-        table, lengths, owner = self.sentences.targets(bank.edit_targets, held.device)
-        y = ctx.ids[:, -1].to(held.device)
+    def _advance(self, y: torch.Tensor, held: torch.Tensor, bank: MemoryBank) -> None:
+        """Before a generated token's forward: does it go on writing an edit's target, or
+        complete one (that memory shut until the sentence ends, the row's cache refreshed)?"""
+        table, lengths, _ = self.sentences.targets(bank.edit_targets, held.device)
         col = table.gather(1, self._pos.clamp(max=table.shape[1] - 1)[None, :].expand(table.shape[0], -1)).T
         alive = self._track & (col == y[:, None]) & (self._pos[:, None] < lengths[None, :])
         pos = self._pos + 1
-        complete = (alive & (lengths[None, :] == pos[:, None])).any(1)
+        complete = (alive & (lengths[None, :] == pos[:, None])).any(1) & (held >= 0)
         going = (held >= 0) & alive.any(1) & ~complete
-        done = torch.nn.functional.one_hot(held.clamp(min=0), bank.n_memories).T.bool() & (complete & (held >= 0))[None]
+        done = torch.nn.functional.one_hot(held.clamp(min=0), bank.n_memories).T.bool() & complete[None]
         ends = self.sentences.boundary(held.device)
         self._shut = (self._shut | done) & ~ends[y.clamp(0, ends.numel() - 1)][None, :]
+        self._next, self._refresh = (going, alive, pos), complete
+
+    def _step(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
+              held: torch.Tensor) -> torch.Tensor:
+        """One generated token: keep an answer that is still being written, else route afresh."""
+        step = self._next
+        if step is None or step[0].shape[0] != held.shape[0]:
+            return self._decide(a32, ctx, bank, delta_out)
+        going, alive, pos = step
+        _, _, owner = self.sentences.targets(bank.edit_targets, held.device)
         fresh = self._decide(a32, ctx, bank, delta_out, shut=self._shut)
         route = torch.where(going, held, fresh)
         started = (route >= 0) & ~going
