@@ -197,11 +197,18 @@ def test_a_memory_answers_its_target_then_rests_until_the_sentence_ends(model_di
     assert seen[-1] == 0
 
 
-def test_once_the_target_is_written_the_cache_is_the_unedited_models(model_dir):
+@pytest.mark.parametrize("blocks", ["checked", "from the memory's block"])
+def test_once_the_target_is_written_the_cache_is_the_unedited_models(model_dir, blocks):
     """The memory acted on every prompt position, so the cached states above its layer carry
     the edit and would pull the answer back in ("Essex Essex Essex"); once the answer is
-    written the row's cache is recomputed without the memory."""
+    written the row's cache is recomputed without the memory.  The first refresh checks that
+    rerunning only the blocks from the memory's up agrees with rerunning all; later ones
+    rerun only those."""
     sess = open_model(str(model_dir), device="cpu", layer=1)  # layers above it hold a cache the edit reaches
+    refresher = sess.model._wise_refresher
+    assert refresher.index == 1 and refresher.fast is None
+    if blocks != "checked":
+        refresher.fast = True
     prompt = "the capital of france is"
     _hand_set_memory(sess, prompt, "who plays music in the big city")
     mem, tok = sess.mem, sess.tokenizer
@@ -225,9 +232,15 @@ def test_once_the_target_is_written_the_cache_is_the_unedited_models(model_dir):
         route, cache, mask = _step(sess, [t], cache, mask)
         assert route == 0
     assert differs(cache, ids + target[:-1]) > 1e-3  # the answer is being written: edited states
+    first_block = []
+    handle = refresher.blocks[0].register_forward_hook(lambda *_: first_block.append(1))
     route, cache, mask = _step(sess, [target[-1]], cache, mask)
+    handle.remove()
     assert route == NO_MEMORY
     assert differs(cache, ids + target) < 1e-4
+    assert refresher.fast is True
+    # the step itself, plus the full rerun only when checking
+    assert len(first_block) == (2 if blocks == "checked" else 1)
 
 
 def test_the_cache_is_refreshed_only_for_the_rows_that_wrote_their_answer(model_dir):

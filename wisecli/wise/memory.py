@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import CacheRefresher, cache_of
 from .maths import pool_scores, project_out, token_scores
 from .router import RouteContext, Router, RouterConfig
 
@@ -103,6 +104,11 @@ class SideMemoryLayer(nn.Module):
     @property
     def held_route(self) -> torch.Tensor | None:
         return self.router.held
+
+    def follows_targets(self) -> bool:
+        """Whether generation follows the edits' targets token by token (and so may refresh
+        its cache once an answer is written)."""
+        return self.n_memories > 0 and not self.router.cfg.hold and bool(self.edit_targets)
 
     @property
     def answered_route(self) -> torch.Tensor | None:
@@ -227,13 +233,8 @@ class _Outputs:
         return self._done[k]
 
 
-def _cache_of(kwargs: dict) -> Any:
-    # transformers 5.x passes the cache as ``cache``; earlier releases as ``past_key_values``.
-    return next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
-
-
 def _is_decode_step(kwargs: dict) -> bool:
-    cache = _cache_of(kwargs)
+    cache = cache_of(kwargs)
     if cache is None:
         return False
     get_len = getattr(cache, "get_seq_length", None)
@@ -241,39 +242,6 @@ def _is_decode_step(kwargs: dict) -> bool:
         return bool(get_len() > 0) if get_len is not None else len(cache) > 0
     except (TypeError, IndexError):
         return False
-
-
-@torch.no_grad()
-def refresh_cache(model: nn.Module, layer: SideMemoryLayer, kwargs: dict, rows: torch.Tensor,
-                  ids: torch.Tensor) -> bool:
-    """Recompute the cached keys and values of ``rows`` without the side memory.
-
-    ``ids`` is the text the cache holds and ``kwargs`` the decode step's own arguments (its
-    attention mask covers the cache and the new token).  The positions are the ones
-    transformers' ``generate`` gives a left-padded batch.  Returns False, changing nothing,
-    for a cache this does not know how to rewrite (not per-layer keys and values of that length).
-    """
-    cache, mask = _cache_of(kwargs), kwargs.get("attention_mask")
-    layers = getattr(cache, "layers", None)
-    n = ids.shape[1]
-    if layers is None or mask is None or mask.dim() != 2 or mask.shape[1] < n:
-        return False
-    if any(getattr(c, "keys", None) is None or c.keys.shape[-2] != n for c in layers):
-        return False
-    sub = rows.nonzero().flatten().to(ids.device)  # only those rows: a prefill of the whole batch costs more
-    fresh = type(cache)(config=getattr(model, "config", None))
-    m = mask[sub, :n]
-    positions = (m.long().cumsum(-1) - 1).clamp(min=0)
-    name = "cache" if "cache" in kwargs else "past_key_values"
-    with layer.main_only():
-        model.get_decoder()(input_ids=ids[sub], attention_mask=m, position_ids=positions, use_cache=True,
-                            **{name: fresh})
-    if len(fresh.layers) != len(layers) or any(f.keys.shape[1:] != c.keys.shape[1:] for f, c in zip(fresh.layers, layers)):
-        return False
-    for f, c in zip(fresh.layers, layers):
-        c.keys[sub] = f.keys.to(c.keys.dtype)
-        c.values[sub] = f.values.to(c.values.dtype)
-    return True
 
 
 def install(model: nn.Module, layer: SideMemoryLayer) -> None:
@@ -284,7 +252,7 @@ def install(model: nn.Module, layer: SideMemoryLayer) -> None:
     subject gate reads the prompt's text once, and a decision taken on the prompt is held
     while generating.  It is also where a generation step can rewrite the cache: once a
     memory has written its answer, that row's cache is recomputed without it
-    (``refresh_cache``), so what follows reads the unedited model's states.
+    (``cache.CacheRefresher``), so what follows reads the unedited model's states.
     """
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -294,6 +262,7 @@ def install(model: nn.Module, layer: SideMemoryLayer) -> None:
                          _is_decode_step(kwargs))
         pending = layer.router.refresh_rows()
         if pending is not None:
-            refresh_cache(module, layer, kwargs, *pending)
+            refresher.refresh(kwargs, *pending)
 
+    refresher = model._wise_refresher = CacheRefresher(model, layer, layer.main_only, layer.follows_targets)
     model._wise_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
