@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from wisecli import atomic, checkpoint as ck
+from wisecli import atomic, checkpoint as ck, hashing
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime safely in the past, so hashes may be cached
@@ -290,13 +290,13 @@ def test_hash_cache_avoids_rehash(base, tmp_path, monkeypatch):
     weights = base / "model.safetensors"
     os.utime(weights, ns=(OLD_NS, OLD_NS))
     calls: list[Path] = []
-    real = ck.sha256_file
+    real = hashing.sha256_file
 
     def counting(path):  # the base weights' hashing only: they are the big files
         if Path(path).name == "model.safetensors":
             calls.append(Path(path))
         return real(path)
-    monkeypatch.setattr(ck, "sha256_file", counting)
+    monkeypatch.setattr(hashing, "sha256_file", counting)
 
     out = tmp_path / "p"
     ck.write_checkpoint(out, base_dir=base, tensors={}, manifest=manifest())

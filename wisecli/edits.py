@@ -8,8 +8,9 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .edit_formats import MAPPERS, first_text, list_format
 from .errors import InputError
 
 FORMATS = ("jsonl", "mend-zsre", "easyedit", "knowedit", "wikibio")
@@ -181,7 +182,7 @@ def _portability_field(path: Path, line: int, value: Any) -> tuple[tuple[str, st
     pairs = []
     for i, item in enumerate(value, 1):
         if isinstance(item, dict):
-            pair = (item.get("prompt"), _first(item.get("ground_truth", item.get("answer"))))
+            pair = (item.get("prompt"), first_text(item.get("ground_truth", item.get("answer"))))
         else:
             pair = tuple(item) if isinstance(item, list) and len(item) == 2 else (None, None)
         if not all(isinstance(s, str) and s.strip() for s in pair):
@@ -219,7 +220,7 @@ def _same_subject_field(path: Path, line: int, value: Any) -> tuple[tuple[str, s
     out = []
     for i, item in enumerate(value, 1):
         prompt = item.get("prompt") if isinstance(item, dict) else item
-        answer = _first(item.get("ground_truth", item.get("answer"))) if isinstance(item, dict) else None
+        answer = first_text(item.get("ground_truth", item.get("answer"))) if isinstance(item, dict) else None
         out.append((_check_str(path, line, prompt, "same_subject", f"entry {i}: "),
                     None if answer is None else _check_str(path, line, answer, "same_subject", f"entry {i}: ")))
     return tuple(out)
@@ -239,109 +240,13 @@ def _edits_from_rows(path: Path, rows: list[tuple[int, Any]], offset: int, limit
     return records
 
 
-# --- EasyEdit-family JSON lists ---
-
-def _first(value: Any) -> str | None:
-    """First non-blank string in a string or (nested) list of them. Answers come as lists of accepted
-    aliases (ZsRE ``answers``, KnowEdit ``[["USSR", "Soviet Union"]]``); the first is the canonical one."""
-    if isinstance(value, str):
-        return value if value.strip() else None
-    if isinstance(value, list):
-        return next((s for s in map(_first, value) if s is not None), None)
-    return None
-
-
-def _all(*values: Any) -> tuple[str, ...]:
-    """Every non-blank string: each rephrase is a separate generalization probe, so keep all."""
-    out: list[str] = []
-    for value in values:
-        if isinstance(value, str) and value.strip():
-            out.append(value)
-        elif isinstance(value, list):
-            out.extend(_all(*value))
-    return tuple(out)
-
-
-def _text(value: Any) -> str | None:
-    """A passage given as a list of pieces (WikiBio) is one passage: join rather than truncate."""
-    return (" ".join(_all(value)) or None) if isinstance(value, list) else _first(value)
-
-
-def _qa_entries(groups: Any) -> list[tuple[str, str]]:
-    """Usable (prompt, answer) pairs from KnowEdit's {"Category": [{"prompt", "ground_truth"}, ...]},
-    in file order (which puts Relation_Specificity before Forgetfulness)."""
-    pairs = []
-    for entries in groups.values() if isinstance(groups, dict) else ():
-        for entry in entries if isinstance(entries, list) else ():
-            if isinstance(entry, dict) and _first(entry.get("prompt")) and _first(entry.get("ground_truth")):
-                pairs.append((_first(entry["prompt"]), _first(entry["ground_truth"])))
-    return pairs
-
-
-def _knowedit_locality(locality: Any) -> dict[str, Any]:
-    """One locality probe per record, as in EasyEdit's own KnowEdit runs: the first usable entry;
-    the Relation_Specificity entries (the subject's other relations) are its same-subject probes."""
-    pairs = _qa_entries(locality)
-    same = _qa_entries({"r": locality.get("Relation_Specificity")}) if isinstance(locality, dict) else []
-    return ({"locality_prompt": pairs[0][0], "locality_ground_truth": pairs[0][1]} if pairs else {}) | \
-        ({"same_subject": tuple(same)} if same else {})
-
-
-def _map_mend(r: dict) -> dict[str, Any]:
-    """MEND ZsRE; ``portability`` is one GPT-4 question {"New Question", "New Answer", ...}."""
-    port = r.get("portability") if isinstance(r.get("portability"), dict) else {}
-    q, a = _first(port.get("New Question")), _first(port.get("New Answer"))
-    return dict(prompt=_first(r.get("src")), target_new=_first(r.get("alt")), rephrase=_all(r.get("rephrase")),
-                locality_prompt=_first(r.get("loc")), locality_ground_truth=_first(r.get("loc_ans")),
-                subject=_first(r.get("subject")), ground_truth=_first(r.get("answers")),
-                portability=((q, a),) if q and a else ())
-
-
-def _map_easyedit(r: dict) -> dict[str, Any]:
-    """EasyEdit (CounterFact, hallucination, temporal) and KnowEdit, which nests locality and portability.
-    Temporal's ``ood_rephrase`` is one more rephrase: it probes the same edit out of distribution."""
-    flat = dict(prompt=_first(r.get("prompt")), target_new=_first(r.get("target_new")),
-                rephrase=_all(r.get("rephrase_prompt"), r.get("ood_rephrase")), subject=_first(r.get("subject")),
-                ground_truth=_first(r.get("ground_truth")), portability=tuple(_qa_entries(r.get("portability"))),
-                locality_prompt=_first(r.get("locality_prompt")),
-                locality_ground_truth=_first(r.get("locality_ground_truth")))
-    return {**flat, **_knowedit_locality(r.get("locality"))}
-
-
-def _map_wikibio(r: dict) -> dict[str, Any]:
-    """KnowEdit WikiBio: a passage (``text``) continued by ``labels``, about ``concept``."""
-    return dict(prompt=_text(r.get("text")), target_new=_text(r.get("labels")), subject=_first(r.get("concept")),
-                **_knowedit_locality(r.get("locality")))
-
-
-# format -> (mapper, source key of the prompt, source key of the target)
-_MAPPERS: dict[str, tuple[Callable[[dict], dict[str, Any]], str, str]] = {
-    "mend-zsre": (_map_mend, "src", "alt"),
-    "easyedit": (_map_easyedit, "prompt", "target_new"),
-    "knowedit": (_map_easyedit, "prompt", "target_new"),
-    "wikibio": (_map_wikibio, "text", "labels"),
-}
-
-
-def _list_format(first: Any) -> str | None:
-    """Name the JSON-list format from the first record's keys, or None if it is no edit format."""
-    if not isinstance(first, dict):
-        return None
-    if "src" in first and "alt" in first:
-        return "mend-zsre"
-    if "text" in first and "labels" in first:
-        return "wikibio"
-    if "prompt" in first and "target_new" in first:
-        nested = isinstance(first.get("locality"), dict) or isinstance(first.get("portability"), dict)
-        return "knowedit" if nested else "easyedit"
-    return None
-
+# --- EasyEdit-family JSON lists (mapped by edit_formats) ---
 
 def _detect_list(path: Path, items: list[Any]) -> str:
     """The first record decides, as the field's files are uniform; an unknown one lists the keys it has."""
     if not items:
         raise InputError(path, "no edit records found")
-    fmt = _list_format(items[0])
+    fmt = list_format(items[0])
     if fmt is None:
         got = ", ".join(sorted(items[0])) if isinstance(items[0], dict) else _jtype(items[0])
         raise InputError(path, f"unrecognised edit format: record #1 has {got or 'no keys'}", line=1,
@@ -352,7 +257,7 @@ def _detect_list(path: Path, items: list[Any]) -> str:
 
 def _from_list_item(path: Path, fmt: str, index: int, raw: Any) -> EditRecord:
     """Map one benchmark record; errors name the file's own keys (src/alt, text/labels) the user can find."""
-    mapper, pkey, tkey = _MAPPERS[fmt]
+    mapper, pkey, tkey = MAPPERS[fmt]
     if not isinstance(raw, dict):
         raise InputError(path, f"record #{index}: expected a JSON object, got {_jtype(raw)}", line=index)
     fields = mapper(raw)
@@ -440,9 +345,9 @@ def load_prompts(path: str | Path) -> list[str]:
         prompts = [line.strip() for line in text.split("\n") if line.strip()]
     elif _is_json_list(p, text):
         items = _parse_json_list(p, text)
-        fmt = _list_format(items[0]) if items else None
+        fmt = list_format(items[0]) if items else None
         if fmt:  # read leniently: a record with no target (ZsRE train has two) still has a `loc`
-            mapped = [_MAPPERS[fmt][0](r) for r in items if isinstance(r, dict)]
+            mapped = [MAPPERS[fmt][0](r) for r in items if isinstance(r, dict)]
             prompts = _negatives([(m.get("locality_prompt"), m["prompt"]) for m in mapped])
         else:
             prompts = [_prompt_item(p, i, item, f"record #{i}: ") for i, item in enumerate(items, 1)]
