@@ -277,3 +277,17 @@ def test_the_cache_is_refreshed_only_for_the_rows_that_wrote_their_answer(model_
     gap = [max(float((c.keys[r][:, real[r]] - p.keys[r][:, real[r]]).abs().max())
                for c, p in zip(cache.layers, plain.layers)) for r in range(2)]
     assert gap[0] < 1e-4 < 1e-3 < gap[1]
+
+
+def test_installing_again_or_taking_the_memory_out_leaves_no_stray_hooks(model_dir):
+    """The bench swaps the memory in and out many times; each install must replace, not add,
+    the model hook and the block hook that records for the cache refresh."""
+    from wisecli.wise.memory import install, uninstall
+    sess = open_model(str(model_dir), device="cpu", layer=1)
+    block = sess.model._wise_refresher.blocks[1]
+    on_block, on_model = len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)
+    install(sess.model, sess.mem)
+    install(sess.model, sess.mem)
+    assert (len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)) == (on_block, on_model)
+    uninstall(sess.model)
+    assert (len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)) == (on_block - 1, on_model - 1)

@@ -29,6 +29,7 @@ from .checkpoint import base_aux_files, is_patched, sha256_file_cached
 from .errors import CheckpointError, OutputExistsError, WiseError
 from .models import set_module
 from .session import Session
+from .wise.memory import uninstall
 from .wise.router import NO_MEMORY
 
 EXPORT_FILE = "export.json"
@@ -74,7 +75,7 @@ def fold(sess: Session, k: int) -> None:
     weight = mem.base_layer.weight
     delta = mem.memories[k].to(weight.device)
     weight.data += (delta.T if mem.kind == "conv1d" else delta).to(weight.dtype)
-    sess.model._wise_hook.remove()
+    uninstall(sess.model)
     set_module(sess.model, sess.target.module_path, mem.base_layer)
 
 

@@ -17,7 +17,7 @@ from ..edits import EditRecord
 from ..models import set_module
 from ..session import Session
 from ..wise.editor import EditorState, WiseEditor
-from ..wise.memory import install
+from ..wise.memory import install, uninstall
 from .reference import reference_forward
 
 
@@ -87,7 +87,7 @@ def _toggle_memory(sess: Session, on: bool) -> None:
         set_module(sess.model, sess.target.module_path, sess.mem)
         install(sess.model, sess.mem)
     else:
-        sess.model._wise_hook.remove()
+        uninstall(sess.model)
         set_module(sess.model, sess.target.module_path, sess.mem.base_layer)
 
 

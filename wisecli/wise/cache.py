@@ -52,8 +52,16 @@ class CacheRefresher:
         self._buf: torch.Tensor | None = None  # (B, capacity, d): what entered the memory's block
         self._len = 0                          # positions of _buf that are filled
         self._busy = False                     # inside a refresh: nothing is recorded
+        self._handle = None
         if self.fast is not False:
-            self.blocks[self.index].register_forward_pre_hook(self._record, with_kwargs=True)
+            self._handle = self.blocks[self.index].register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def close(self) -> None:
+        """Stop recording (the memory is taken out of the model, or installed anew)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._buf, self._len = None, 0
 
     def _record(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the residual stream of every position the cache holds (a growing buffer:

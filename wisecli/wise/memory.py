@@ -264,5 +264,15 @@ def install(model: nn.Module, layer: SideMemoryLayer) -> None:
         if pending is not None:
             refresher.refresh(kwargs, *pending)
 
+    uninstall(model)
     refresher = model._wise_refresher = CacheRefresher(model, layer, layer.main_only, layer.follows_targets)
     model._wise_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove what ``install`` added (before the memory layer is taken out of the model)."""
+    hook, refresher = model.__dict__.pop("_wise_hook", None), model.__dict__.pop("_wise_refresher", None)
+    if hook is not None:
+        hook.remove()
+    if refresher is not None:
+        refresher.close()
