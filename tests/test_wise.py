@@ -204,6 +204,38 @@ def test_learned_edits_rest_only_with_confidence_to_spare(model_dir):
     assert res.learned == res.n_edits and res.steps < cfg.max_steps
 
 
+def test_out_of_steps_keeps_the_last_state_with_every_edit_right(model_dir):
+    """A shard that runs out of steps (its router never separated) ends on the last tau that
+    had every edit right, not on one where an edit resting from the cross-entropy drifted
+    wrong under the margin loss (CounterFact T=100 with the paper's train negatives)."""
+    sess = open_model(str(model_dir), device="cpu")
+    cfg = WiseConfig(**{**LEARN, "max_steps": 200, "min_steps": 200})
+    _, batch, row_edit, base, mask = _shard_setup(sess, cfg)
+    run = fast_forward(sess.model, sess.mem, sess.blocks, sess.target.layer, batch,
+                       record_inputs(sess.model, sess.blocks, sess.mem, sess.target.layer, batch),
+                       cfg.score_pooling)
+    deltas: list[torch.Tensor] = []
+    all_right: list[int] = []  # check steps where every edit was right
+
+    def drifting(ce_idx, e_idx, i_idx, delta):
+        deltas.append(delta.detach().clone())
+        ce, *rest = run(ce_idx, e_idx, i_idx, delta)
+        step = len(deltas)
+        if step == cfg.max_steps:  # the last check: one edit has slipped
+            ce = (ce[0], torch.zeros_like(ce[1]))
+        elif step % cfg.check_every == 0 and bool(ce[1].all()):
+            all_right.append(step)
+        return (ce, *rest)
+    res = train_shard(sess.model, sess.mem, sess.blocks, sess.target.layer, batch, row_edit,
+                      base, mask, cfg, forward=drifting)
+    assert all_right, "the tiny model never had every edit right: the test learns nothing"
+    last = all_right[-1]
+    # tau after step `last` is what the forward of step last + 1 received, less the base
+    assert torch.allclose(res.delta, (deltas[last] - base).float())
+    assert not torch.allclose(res.delta, (deltas[-1] - base).float())
+    assert res.learned == res.n_edits and res.steps == cfg.max_steps
+
+
 # ---- a lifelong run: learn, save, reload ------------------------------------------------
 
 

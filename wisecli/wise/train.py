@@ -373,7 +373,8 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     # prompts must be separated to stop.
     n_gate_exempt = rows.near.numel() if cfg.key_gate > 0 else 0
     state = _Progress(rows.n_edits)
-    step, loss_val = 0, float("nan")
+    step, loss_val, n_active = 0, float("nan"), rows.n_edits
+    last_right: torch.Tensor | None = None  # τ at the latest check where every edit was right
     for step in range(1, cfg.max_steps + 1):
         check = step % cfg.check_every == 0 or step == cfg.max_steps
         step_edits, i_idx = _step_rows(rows.edit, rows.near, rows.irrelevant, cfg, gen, rows.n_variants)
@@ -393,11 +394,18 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         opt.step()
         if check:  # the only host syncs of the loop
             n_active, loss_val = state.update(wrong, pushing), float(loss.detach())
+            if n_active == 0:
+                last_right = tau.detach().clone()
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and \
                     _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio):
                 break
+    if n_active and last_right is not None:
+        # Out of steps with the router still not separated, edits that had left the
+        # cross-entropy drifted wrong under the margin loss alone: keep the last τ that
+        # had them all right rather than end on a wrong one.
+        tau, state.was_wrong = last_right, torch.zeros_like(state.was_wrong)
     return _result(tau, mask, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
 
 
