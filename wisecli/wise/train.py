@@ -334,14 +334,28 @@ class _Progress:
     def __init__(self, n_edits: int) -> None:
         self.training = torch.ones(n_edits, dtype=torch.bool)
         self.was_wrong = self.training.clone()
+        self.last_right: torch.Tensor | None = None  # τ at the latest check with every edit right
 
     def ce_edits(self, check: bool) -> torch.Tensor:
         return torch.arange(self.training.numel()) if check else self.training.nonzero().squeeze(-1)
 
-    def update(self, wrong: torch.Tensor, pushing: torch.Tensor) -> int:
+    def update(self, wrong: torch.Tensor, pushing: torch.Tensor, tau: torch.Tensor) -> int:
         now_wrong, now_pushing = wrong.cpu(), pushing.cpu()
         self.training, self.was_wrong = now_pushing | self.was_wrong, now_wrong
-        return int(now_wrong.sum())
+        n_wrong = int(now_wrong.sum())
+        if n_wrong == 0:
+            self.last_right = tau.detach().clone()
+        return n_wrong
+
+    def settled(self, tau: torch.Tensor) -> torch.Tensor:
+        """The τ to keep once the steps are spent.  When the router never separates (the
+        user's negatives share the edits' templates) a shard runs to its limit, and an edit
+        resting from the cross-entropy can drift wrong under the margin loss alone just as
+        the steps run out: the last τ that had every edit right is kept instead."""
+        if bool(self.was_wrong.any()) and self.last_right is not None:
+            self.was_wrong = torch.zeros_like(self.was_wrong)
+            return self.last_right
+        return tau
 
 
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
@@ -373,8 +387,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     # prompts must be separated to stop.
     n_gate_exempt = rows.near.numel() if cfg.key_gate > 0 else 0
     state = _Progress(rows.n_edits)
-    step, loss_val, n_active = 0, float("nan"), rows.n_edits
-    last_right: torch.Tensor | None = None  # τ at the latest check where every edit was right
+    step, loss_val = 0, float("nan")
     for step in range(1, cfg.max_steps + 1):
         check = step % cfg.check_every == 0 or step == cfg.max_steps
         step_edits, i_idx = _step_rows(rows.edit, rows.near, rows.irrelevant, cfg, gen, rows.n_variants)
@@ -393,20 +406,13 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         loss.backward()
         opt.step()
         if check:  # the only host syncs of the loop
-            n_active, loss_val = state.update(wrong, pushing), float(loss.detach())
-            if n_active == 0:
-                last_right = tau.detach().clone()
+            n_active, loss_val = state.update(wrong, pushing, tau), float(loss.detach())
             if progress is not None:
                 progress(step, loss_val, n_active)
             if step >= cfg.min_steps and n_active == 0 and \
                     _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio):
                 break
-    if n_active and last_right is not None:
-        # Out of steps with the router still not separated, edits that had left the
-        # cross-entropy drifted wrong under the margin loss alone: keep the last τ that
-        # had them all right rather than end on a wrong one.
-        tau, state.was_wrong = last_right, torch.zeros_like(state.was_wrong)
-    return _result(tau, mask, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
+    return _result(state.settled(tau), mask, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
 
 
 def _result(tau: torch.Tensor, mask: torch.Tensor, steps: int, loss: float, state: _Progress,
