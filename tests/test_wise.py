@@ -25,7 +25,8 @@ from wisecli.wise.maths import shard_mask
 from wisecli.wise.memory import SideMemoryLayer
 from wisecli.wise.router import NO_MEMORY, RouterConfig
 from wisecli.bench.reference import reference_forward
-from wisecli.wise.train import fast_forward, record_inputs, train_shard, variants_per_step
+from wisecli.wise.recorded import record_inputs
+from wisecli.wise.train import fast_forward, train_shard, variants_per_step
 
 from conftest import EDITS
 from wise_support import ARCHS, arch, arch_dir, logits as _logits, model_dir, route as _route  # noqa: F401

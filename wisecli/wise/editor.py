@@ -24,7 +24,8 @@ from .maths import (common_basis, counted_tokens, distinct_tokens, loudest_token
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from .memory import SideMemoryLayer
 from .router import RouterConfig
-from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, _Stop, train_shard
+from .recorded import StopForward
+from .train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard
 
 
 def _check_finite(res: ShardResult, index: int, cfg: WiseConfig) -> None:
@@ -122,12 +123,12 @@ class WiseEditor:
     def _run_to_layer(self, batch: Batch) -> None:
         """Forward pass that stops right after the side-memory layer (scores only)."""
         def stop(_m: nn.Module, _i: Any, _o: Any) -> None:
-            raise _Stop
+            raise StopForward
         handle = self.mem.register_forward_hook(stop)
         try:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()
