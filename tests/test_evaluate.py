@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from wisecli.edits import EditRecord
 from wisecli.metrics import EvalReport, evaluate, normalise, starts_with_target
-from wisecli.models import set_module
+from wisecli.locate import set_module
 from wisecli.report import eval_markdown, eval_table, fmt, summary_table
 from wisecli.wise.memory import SideMemoryLayer, install
 

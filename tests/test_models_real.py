@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from wisecli.models import cache_dir, load_model, locate_ffn_out, pick_device, pick_dtype, resolve_base
+from wisecli.locate import locate_ffn_out
+from wisecli.models import cache_dir, load_model, pick_device, pick_dtype, resolve_base
 
 def _installed(dist_or_module: str, module: bool = False) -> bool:
     if module:

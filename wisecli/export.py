@@ -27,7 +27,7 @@ from .batching import encode_pairs
 from . import atomic
 from .checkpoint import base_aux_files, is_patched, sha256_file_cached
 from .errors import CheckpointError, OutputExistsError, WiseError
-from .models import set_module
+from .locate import set_module
 from .session import Session
 from .wise.memory import uninstall
 from .wise.router import NO_MEMORY

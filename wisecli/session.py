@@ -19,8 +19,8 @@ from .config import WiseConfig, load_config
 from .errors import CheckpointError, ConfigError, ModelError
 from .manifest import check_state, config_of, subjects_of, targets_of
 from .hf_remote import attach_layer
-from .models import (ALIASES, FFNTarget, alias_of, cache_dir, convert_alias, count_layers, get_module, load_model,
-                     locate_ffn_out, pick_device, pick_dtype, resolve_base)
+from .locate import FFNTarget, count_layers, get_module, locate_ffn_out
+from .models import ALIASES, alias_of, cache_dir, convert_alias, load_model, pick_device, pick_dtype, resolve_base
 from .wise.editor import EditorState
 from .wise.memory import SideMemoryLayer
 from .wise.router import RouterConfig

@@ -14,7 +14,7 @@ import torch
 
 from ..config import load_config
 from ..edits import EditRecord
-from ..models import set_module
+from ..locate import set_module
 from ..session import Session
 from ..wise.editor import EditorState, WiseEditor
 from ..wise.memory import install, uninstall

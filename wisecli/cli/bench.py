@@ -12,7 +12,8 @@ from ..bench.run import measure_editing, measure_inference
 from ..bench.synthetic import SHAPES, synthetic_edits, synthetic_model
 from ..config import load_config
 from ..errors import WiseError
-from ..models import get_module, locate_ffn_out, pick_device, pick_dtype, resolve_base
+from ..locate import get_module, locate_ffn_out
+from ..models import pick_device, pick_dtype, resolve_base
 from ..report import summary_table
 from ..session import Session, attach, open_model
 from . import console
