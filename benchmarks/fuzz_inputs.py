@@ -328,7 +328,7 @@ def _run_files(gen: Iterator[tuple[str, str, bytes]], n: int, read: Callable[[st
 
 def _good_checkpoint(tmp: Path) -> Path:
     """A format-2 checkpoint: the format-1 test fixture edited once more."""
-    from wisecli.pipeline import EditOptions, edit
+    from wisecli.app.pipeline import EditOptions, edit
     fixture = Path(__file__).resolve().parents[1] / "tests" / "data" / "compat-v1" / "merge"
     edits = tmp / "more.jsonl"
     edits.write_text(json.dumps({"prompt": "the blue river is in", "target_new": "spain", "subject": "river"}) + "\n")
@@ -342,7 +342,7 @@ def _good_checkpoint(tmp: Path) -> Path:
 def _run_checkpoints(rng: random.Random, n: int, tmp: Path) -> dict[str, Any]:
     import shutil
 
-    from wisecli.session import open_model
+    from wisecli.app.session import open_model
     good = _good_checkpoint(tmp)
     counts: dict[str, dict[str, int]] = {}
     examples: list[str] = []
@@ -364,8 +364,8 @@ def main() -> None:
     import os
     import tempfile
 
-    from wisecli.config import load_config
-    from wisecli.edits import load_edits
+    from wisecli.methods.wise.config import load_config
+    from wisecli.app.edits import load_edits
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=10_000)
     ap.add_argument("--configs", type=int, default=2_000)

@@ -18,10 +18,10 @@ import time
 import torch
 
 from wisecli.batching import encode_pairs
-from wisecli.config import WiseConfig
-from wisecli.session import open_model
-from wisecli.wise import router
-from wisecli.wise.router import RouterConfig
+from wisecli.methods.wise.config import WiseConfig
+from wisecli.app.session import open_model
+from wisecli.runtime import router
+from wisecli.runtime.router import RouterConfig
 
 ROUTED = [f"The capital city of country number {i} is" for i in range(8)]
 OTHER = ["Tell me about the history of Rome.", "What is the boiling point of water?", "Who wrote Hamlet?",

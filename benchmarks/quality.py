@@ -22,10 +22,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from wisecli.edits import load_edits
-from wisecli.metrics import evaluate
-from wisecli.pipeline import EditOptions, Silent, edit
-from wisecli.session import open_model
+from wisecli.app.edits import load_edits
+from wisecli.app.metrics import evaluate
+from wisecli.app.pipeline import EditOptions, Silent, edit
+from wisecli.app.session import open_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {

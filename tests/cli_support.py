@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wisecli.cli.app import app, main
+from wisecli.app.cli.main import app, main
 
 from conftest import EDITS, MORE_EDITS, write_jsonl
 

@@ -9,7 +9,7 @@ import torch
 from transformers import pipeline
 
 import wisecli
-from wisecli.edits import load_edits
+from wisecli.app.edits import load_edits
 
 from conftest import EDITS, write_jsonl
 

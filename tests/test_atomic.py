@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from wisecli import checkpoint as ck
+from wisecli.app import checkpoint as ck
 from wisecli.errors import OutputExistsError
 
 from cli_support import env, error_line, files, leftovers, run_script  # noqa: F401  (fixtures)
@@ -24,7 +24,7 @@ from test_checkpoint import base, manifest, tensors  # noqa: F401  (the fake bas
 WRITE = """
 import sys, json
 from pathlib import Path
-from wisecli import atomic, checkpoint as ck
+from wisecli.app import atomic, checkpoint as ck
 sys.path.insert(0, {tests!r})
 from test_checkpoint import manifest, tensors
 if {no_exchange!r}:

@@ -1,7 +1,7 @@
 """Text augmentation with no model: near-miss subjects and reworded prompts."""
 from __future__ import annotations
 
-from wisecli.wise.augment import neighbours, reworded, subject_of
+from wisecli.methods.wise.augment import neighbours, reworded, subject_of
 
 PROMPT = "What is the country of origin of Big Bad Wolf?"
 

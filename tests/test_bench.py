@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from wisecli.bench.synthetic import SHAPES, synthetic_edits
-from wisecli.cli.app import app
+from wisecli.app.bench.synthetic import SHAPES, synthetic_edits
+from wisecli.app.cli.main import app
 
 pytestmark = pytest.mark.usefixtures("single_thread", "wise_cache")
 

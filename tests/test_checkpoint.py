@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from wisecli import atomic, checkpoint as ck, hashing
+from wisecli.app import atomic, checkpoint as ck, hashing
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime safely in the past, so hashes may be cached

@@ -1,7 +1,7 @@
 """The real CLI on tiny checkpoints: what each command writes and prints, and exit codes.
 
 Commands whose output matters run through ``typer.testing.CliRunner``; exit codes and error
-messages are mapped in ``wisecli.cli.app.main``, so those tests call ``main()`` itself (in
+messages are mapped in ``wisecli.app.cli.main.main``, so those tests call ``main()`` itself (in
 process, fast).  Bad input is in ``test_cli_errors.py``.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from cli_support import CONFIG, env, error_line, files, invoke, patched, run_main  # noqa: F401  (fixtures)
 from conftest import EDITS
-from wisecli.manifest import FORMAT_VERSION
+from wisecli.app.manifest import FORMAT_VERSION
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

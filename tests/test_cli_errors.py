@@ -198,7 +198,7 @@ def test_version_prints_the_package_version(monkeypatch, capsys):
 def test_internal_error_is_one_plain_line_with_its_own_exit_code(patched, monkeypatch, capsys):
     """A bug (not bad input) prints its message as text, brackets and all, names the way to
     the traceback, and exits 4, apart from bad input's 1."""
-    import wisecli.cli.info as info_cmd
+    import wisecli.app.cli.info as info_cmd
 
     def broken(*_a, **_k):
         raise KeyError("target [red]x[/red]")

@@ -12,9 +12,9 @@ import torch
 
 from wisecli.batching import encode_pairs
 from wisecli.errors import ConfigError
-from wisecli.manifest import FORMAT_VERSION
-from wisecli.session import open_model
-from wisecli.wise.router import NO_MEMORY, RouterConfig
+from wisecli.app.manifest import FORMAT_VERSION
+from wisecli.app.session import open_model
+from wisecli.runtime.router import NO_MEMORY, RouterConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread", "wise_cache")
 
@@ -85,7 +85,7 @@ def test_closest_key_routing_over_several_memories_is_refused(tmp_path):
 def test_the_manifest_schema_is_a_valid_json_schema_that_format_1_upgrades_meet():
     from jsonschema import Draft202012Validator, ValidationError
 
-    from wisecli.manifest import schema, upgrade
+    from wisecli.app.manifest import schema, upgrade
     Draft202012Validator.check_schema(schema())
     for name in ("merge", "retrieve"):
         raw = json.loads((DATA / name / "wise.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wisecli.edits import EditRecord, detect_format, load_edits, load_prompts, record_to_json
+from wisecli.app.edits import EditRecord, detect_format, load_edits, load_prompts, record_to_json
 from wisecli.errors import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

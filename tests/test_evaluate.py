@@ -1,4 +1,4 @@
-"""Tests for wisecli.evaluate / wisecli.report on a tiny random LLaMA and a word-level tokenizer.
+"""Tests for wisecli.evaluate / wisecli.app.report on a tiny random LLaMA and a word-level tokenizer.
 
 Nothing is downloaded: the model is built from a config, the tokenizer from a 50-word vocabulary,
 so encode_pairs and generate run offline in well under a second each.
@@ -13,11 +13,11 @@ from rich.console import Console
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from wisecli.edits import EditRecord
-from wisecli.metrics import EvalReport, evaluate, normalise, starts_with_target
-from wisecli.locate import set_module
-from wisecli.report import eval_markdown, eval_table, fmt, summary_table
-from wisecli.wise.memory import SideMemoryLayer, install
+from wisecli.app.edits import EditRecord
+from wisecli.app.metrics import EvalReport, evaluate, normalise, starts_with_target
+from wisecli.methods.locate import set_module
+from wisecli.app.report import eval_markdown, eval_table, fmt, summary_table
+from wisecli.runtime.memory import SideMemoryLayer, install
 
 WORDS = ("<pad> <eos> <unk> the a of is in capital city river king queen paris london rome berlin "
          "france england italy germany who what where born lives speaks language english french "

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from wisecli.batching import encode_pairs
-from wisecli.session import open_model
+from wisecli.app.session import open_model
 
 from cli_support import env, error_line, files, leftovers, run_main  # noqa: F401  (fixtures)
 from conftest import EDITS, MORE_EDITS, write_jsonl
@@ -23,7 +23,7 @@ LEARN = "learning_rate: 0.5\nreplay_weight: 0.15\nmax_steps: 60\nmask_ratio: 0.5
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_llama_dir, env):
     """One merge-mode checkpoint (one memory) and one retrieve-mode (three)."""
-    from wisecli.pipeline import EditOptions, edit
+    from wisecli.app.pipeline import EditOptions, edit
     d = tmp_path_factory.mktemp("export")
     (d / "learn.yaml").write_text(LEARN)
     edits = write_jsonl(d / "edits.jsonl", EDITS + MORE_EDITS)

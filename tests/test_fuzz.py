@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from wisecli.config import load_config
-from wisecli.edits import load_edits
+from wisecli.methods.wise.config import load_config
+from wisecli.app.edits import load_edits
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_inputs.py"
 spec = importlib.util.spec_from_file_location("fuzz_inputs", SCRIPT)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wisecli.config import WiseConfig
+from wisecli.methods.wise.config import WiseConfig
 from wisecli.errors import ConfigError
-from wisecli.wise.maths import distinct_tokens, loudest_tokens
+from wisecli.runtime.maths import distinct_tokens, loudest_tokens
 
 
 def _prompt() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wisecli.wise.maths import (
+from wisecli.runtime.maths import (
     counted_tokens,
     activation_score,
     margin_loss,
@@ -198,7 +198,7 @@ def test_target_nll_per_row():
 
 
 def test_projected_memory_reads_projected_activations():
-    from wisecli.wise.maths import common_basis, project_out, project_rows
+    from wisecli.runtime.maths import common_basis, project_out, project_rows
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(50, 32, generator=gen)
     basis = common_basis(acts, 4)

@@ -1,4 +1,4 @@
-"""Tests for wisecli.models / wisecli.locate / wisecli.aliases.
+"""Tests for wisecli.app.models / wisecli.methods.locate / wisecli.app.aliases.
 
 Fast tests build tiny random models from configs (nothing is downloaded).
 Tests marked ``real`` convert the built-in aliases once into the cache
@@ -25,9 +25,9 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from wisecli import aliases
+from wisecli.app import aliases
 from wisecli.errors import DeviceError, ModelError, WiseError
-from wisecli.locate import (
+from wisecli.methods.locate import (
     ARCHITECTURES,
     FFNTarget,
     default_layer,
@@ -35,7 +35,7 @@ from wisecli.locate import (
     locate_ffn_out,
     set_module,
 )
-from wisecli.models import ALIASES, DEFAULT_MODEL, cache_dir, load_model, pick_device, pick_dtype, resolve_base
+from wisecli.app.models import ALIASES, DEFAULT_MODEL, cache_dir, load_model, pick_device, pick_dtype, resolve_base
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)

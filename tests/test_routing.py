@@ -9,10 +9,10 @@ import torch
 
 from dataclasses import replace
 
-import wisecli.wise.router as router_module
+import wisecli.runtime.router as router_module
 from wisecli.batching import encode_pairs
-from wisecli.session import open_model
-from wisecli.wise.router import NO_MEMORY
+from wisecli.app.session import open_model
+from wisecli.runtime.router import NO_MEMORY
 
 from wise_support import arch, logits as _logits, model_dir  # noqa: F401
 
@@ -282,7 +282,7 @@ def test_the_cache_is_refreshed_only_for_the_rows_that_wrote_their_answer(model_
 def test_installing_again_or_taking_the_memory_out_leaves_no_stray_hooks(model_dir):
     """The bench swaps the memory in and out many times; each install must replace, not add,
     the model hook and the block hook that records for the cache refresh."""
-    from wisecli.wise.memory import install, uninstall
+    from wisecli.runtime.memory import install, uninstall
     sess = open_model(str(model_dir), device="cpu", layer=1)
     block = sess.model._wise_refresher.blocks[1]
     on_block, on_model = len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)

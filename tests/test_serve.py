@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wisecli.pipeline import EditOptions, edit
-from wisecli.session import open_model
+from wisecli.app.pipeline import EditOptions, edit
+from wisecli.app.session import open_model
 
 from conftest import EDITS, write_jsonl
 

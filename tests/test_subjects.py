@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from wisecli.wise.subjects import prompt_texts, subject_open
+from wisecli.runtime.subjects import prompt_texts, subject_open
 
 
 def test_a_subject_is_named_as_a_whole_word_in_any_case():
@@ -37,7 +37,7 @@ def test_the_current_sentence_names_a_subject_and_a_boundary_clears_it():
     import torch
 
     from conftest import make_tokenizer
-    from wisecli.wise.subjects import SentenceSubjects
+    from wisecli.runtime.subjects import SentenceSubjects
     tok = make_tokenizer()
     follow = SentenceSubjects(tok)
     subjects = [(0, "france"), (1, "big tower"), (1, None)]

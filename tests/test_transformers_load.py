@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from wisecli.batching import encode_pairs
-from wisecli.pipeline import EditOptions, edit
-from wisecli.session import open_model
-from wisecli.wise.router import NO_MEMORY
+from wisecli.app.pipeline import EditOptions, edit
+from wisecli.app.session import open_model
+from wisecli.runtime.router import NO_MEMORY
 
 from conftest import EDITS, write_jsonl
 from wise_support import ARCHS, arch_dir

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wisecli.edits import EditRecord
-from wisecli.usage import (fluency, names, ngram_entropy, question_for, same_subject_probes)
+from wisecli.app.edits import EditRecord
+from wisecli.app.usage import (fluency, names, ngram_entropy, question_for, same_subject_probes)
 
 
 @pytest.mark.parametrize("prompt,question", [

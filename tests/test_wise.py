@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from wisecli.checkpoint import write_checkpoint
-from wisecli.config import WiseConfig
-from wisecli.edits import EditRecord
-from wisecli.metrics import evaluate
-from wisecli.manifest import after_run, upgrade
-from wisecli.models import load_model
-from wisecli.session import editor_state, open_model, resolve_config
-from wisecli.wise.editor import WiseEditor
-from wisecli.wise.maths import shard_mask
-from wisecli.wise.memory import SideMemoryLayer
-from wisecli.wise.router import NO_MEMORY, RouterConfig
-from wisecli.bench.reference import reference_forward
-from wisecli.wise.recorded import record_inputs
-from wisecli.wise.train import fast_forward, train_shard, variants_per_step
+from wisecli.app.checkpoint import write_checkpoint
+from wisecli.methods.wise.config import WiseConfig
+from wisecli.app.edits import EditRecord
+from wisecli.app.metrics import evaluate
+from wisecli.app.manifest import after_run, upgrade
+from wisecli.app.models import load_model
+from wisecli.app.session import editor_state, open_model, resolve_config
+from wisecli.methods.wise.editor import WiseEditor
+from wisecli.runtime.maths import shard_mask
+from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.router import NO_MEMORY, RouterConfig
+from wisecli.app.bench.reference import reference_forward
+from wisecli.methods.wise.recorded import record_inputs
+from wisecli.methods.wise.train import fast_forward, train_shard, variants_per_step
 
 from conftest import EDITS
 from wise_support import ARCHS, arch, arch_dir, logits as _logits, model_dir, route as _route  # noqa: F401

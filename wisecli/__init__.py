@@ -11,6 +11,6 @@ __all__ = ["load", "edit", "evaluate", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("load", "edit", "evaluate"):
-        from . import api
+        from wisecli.app import api
         return getattr(api, name)
     raise AttributeError(f"module 'wisecli' has no attribute {name!r}")

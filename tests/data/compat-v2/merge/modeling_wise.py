@@ -441,7 +441,7 @@ class RouterConfig:
         return cls(pooling="mean", hold=True, key_gate=0.0, coverage_gate=0.0, subject_gate=False)
 
     @classmethod
-    def from_config(cls, cfg) -> "RouterConfig":  # cfg: wisecli.config.WiseConfig
+    def from_config(cls, cfg) -> "RouterConfig":  # cfg: wisecli.methods.wise.config.WiseConfig
         return cls(pooling=cfg.score_pooling, hold=cfg.hold_routing, key_gate=cfg.key_gate,
                    coverage_gate=cfg.coverage_gate, subject_gate=cfg.subject_gate)
 

@@ -1,0 +1,47 @@
+"""wise info: what a patched checkpoint holds, read from its manifest alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wisecli.errors import CheckpointError
+from wisecli.app.report import summary_table
+from wisecli.app.session import read_patched
+from wisecli.app.cli import console
+from wisecli.app.cli.options import Base, Json
+
+
+def info(
+    model: Annotated[Path, typer.Argument(help="A directory written by wise edit.")],
+    verify: Annotated[bool, typer.Option(help="Check the base weights' SHA-256 against the manifest.")] = True,
+    base: Base = None,
+    json_out: Json = False,
+) -> None:
+    """Show base, layer, mode, edits applied, settings and stored metrics.
+
+    Example:
+
+      wise info patched/ --json
+    """
+    if not (model / "wise.json").is_file():
+        raise CheckpointError(f"{model}: not a patched checkpoint (no wise.json)",
+                              hint="wise info reads directories written by wise edit")
+    ckpt = read_patched(model, base, verify=verify)
+    m = ckpt.manifest
+    metrics = {k: v for k, v in (m.get("metrics") or {}).items() if k != "edits"}
+    if json_out:
+        console.print_json("info", {**m, "metrics": metrics, "base_dir": str(ckpt.base_dir), "verified": verify})
+        return
+    t, r = m["target"], m["router"]
+    console.out.print(summary_table(f"wise info {model}", {
+        "base": m["base"].get("origin"), "base dir": str(ckpt.base_dir),
+        "base embedded": m["base"].get("embedded"), "model type": m["base"].get("model_type"),
+        "module": t["module_path"], "layer": f"{t['layer']} of {t['n_layers']}", "mode": m["mode"],
+        "edits applied": len(m["edits"]), "runs": len(m.get("runs", [])),
+        "side memories": r["n_memories"], "thresholds": [round(x, 4) for x in r["thresholds"]],
+        "tool version": m["tool"]["version"], "format version": m["format_version"],
+        **{f"metric {k}": (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+    }))
+    console.out.print(summary_table("settings", m["config"]))

@@ -1,0 +1,305 @@
+"""Lifelong editing: shards, merges, side memories and router thresholds over time.
+
+``WiseEditor`` owns the schedule (which edits form a shard, when shards merge,
+which memory they go to); the maths is in ``maths.py`` and one shard's
+optimisation in ``train.py``.  All state that must outlive a run is either in
+the ``SideMemoryLayer`` buffers (tensors) or in ``EditorState`` (JSON).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from wisecli.batching import Batch, encode_pairs
+from wisecli.methods.wise.config import WiseConfig
+from wisecli.records import EditRecord
+from wisecli.errors import TrainingDiverged
+from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
+                      subject_of, with_prefix)
+from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
+                    project_out, project_rows, replay_factor, scored_tokens, shard_mask)
+from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.router import RouterConfig
+from wisecli.methods.wise.recorded import StopForward
+from wisecli.methods.wise.train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard
+
+
+def _check_finite(res: ShardResult, index: int, cfg: WiseConfig) -> None:
+    """A shard whose update went to NaN or Inf would be merged into the memory and saved: every
+    edit it holds lost, and every later score with them.  Stop the run instead."""
+    if not bool(torch.isfinite(res.delta).all()):
+        raise TrainingDiverged(
+            f"shard {index}: training diverged (the side memory's update went to NaN/Inf)",
+            hint=f"lower learning_rate (now {cfg.learning_rate}) or replay_weight (now {cfg.replay_weight}) "
+                 "in --config; nothing was written")
+
+
+@dataclass
+class EditorState:
+    """The JSON half of the editor's state (the tensors live in the layer)."""
+
+    prefixes: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+    negatives_source: str = "generated"
+    shards_trained: int = 0
+    memory_edit_counts: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditorState":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class WiseEditor:
+    def __init__(self, model: nn.Module, tokenizer, mem: SideMemoryLayer, blocks: nn.ModuleList,
+                 layer: int, cfg: WiseConfig, state: EditorState | None = None) -> None:
+        self.model, self.tok, self.mem, self.blocks, self.layer = model, tokenizer, mem, blocks, layer
+        self.cfg = cfg
+        self.state = state or EditorState()
+        self.device = mem.memories.device
+        self._rank = embedding_ranker(model, tokenizer)
+        mem.configure(RouterConfig.from_config(cfg))
+        # The benchmark swaps in its full-forward reference here; editing never does.
+        self.forward_factory: Callable[[Batch], RowsForward] | None = None
+        self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._reference: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    # ---- one-time preparation --------------------------------------------------
+    def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
+        """Prefixes, irrelevant prompts and the score unit, made once per model."""
+        st, cfg = self.state, self.cfg
+        if negatives is not None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(negatives), generator=gen)[: cfg.n_negatives].tolist()
+            st.negatives, st.negatives_source = [negatives[i] for i in order], source
+        if not st.prefixes and cfg.n_prefixes:
+            st.prefixes = generate_prefixes(self.model, self.tok, self.mem, cfg.n_prefixes,
+                                            cfg.prefix_lengths, cfg.seed)
+        if not st.negatives:
+            st.negatives = generate_negatives(self.model, self.tok, self.mem, cfg.n_negatives,
+                                              cfg.negative_lengths, cfg.seed)
+            st.negatives_source = "generated"
+        if self.mem.n_memories == 0 and st.shards_trained == 0:
+            self.mem.calibrate(*self.measure_scale(st.negatives))
+
+    @torch.no_grad()
+    def measure_scale(self, texts: list[str]) -> tuple[float, torch.Tensor]:
+        """Median ‖W a_t‖ over the tokens of neutral text (the unit of router scores), and the
+        null-space basis of the same activations.
+
+        The median, not the mean: a few tokens carry activations 100x the rest.
+        """
+        batch, raw = self._layer_inputs(texts)
+        acts = raw.float()
+        keep = scored_tokens(batch.attention_mask, acts[..., 0]) > 0
+        # Never more than an eighth of the space: the rest must stay free for the edits.
+        rank = min(self.cfg.null_space_rank, self.mem.in_features // 8)
+        basis = common_basis(acts[keep], rank).to(self.device)
+        norms = self.mem.base_layer(raw).float().norm(dim=-1)
+        return float(norms[keep].median().clamp_min(1e-6)), basis
+
+    @torch.no_grad()
+    def _layer_inputs(self, texts: list[str]) -> tuple[Batch, torch.Tensor]:
+        """The unedited model's input to the side-memory layer for each text (B, T, d_in)."""
+        batch = encode_pairs(self.tok, texts, [None] * len(texts)).to(self.device)
+        seen: list[torch.Tensor] = []
+        handle = self.mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            with self.mem.main_only():
+                self._run_to_layer(batch)
+        finally:
+            handle.remove()
+        return batch, seen[0]
+
+    def _run_to_layer(self, batch: Batch) -> None:
+        """Forward pass that stops right after the side-memory layer (scores only)."""
+        def stop(_m: nn.Module, _i: Any, _o: Any) -> None:
+            raise StopForward
+        handle = self.mem.register_forward_hook(stop)
+        try:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+
+    def _negative_acts(self) -> torch.Tensor:
+        """The irrelevant prompts' inputs to the layer, recorded once for every shard.
+
+        They are the same prompts in every shard and nothing below the side memory
+        changes, so running them again per shard (most of the rows) is wasted work.
+        """
+        key = tuple(self.state.negatives)
+        if self._known is None or self._known[0] != key:
+            self._known = (key, self._layer_inputs(list(key))[1])
+        return self._known[1]
+
+    # ---- training rows -----------------------------------------------------------
+    def shard_batch(self, edits: list[EditRecord]) -> tuple[Batch, torch.Tensor]:
+        """Each edit under every prefix (CE + margin), then the irrelevant prompts (margin)."""
+        queries, answers, row_edit, templated = [], [], [], []
+        prefixes = self.state.prefixes
+        for i, e in enumerate(edits):
+            # Reworded copies go under the prefixes in turn, so no two rows are alike.
+            variants = [with_prefix(p, e.prompt) for p in [""] + prefixes] + [
+                with_prefix(prefixes[j % len(prefixes)] if prefixes else "", text)
+                for j, text in enumerate(reworded(e.prompt, e.subject, self.cfg.n_rewordings,
+                                                  self._edit_seed(e)))]
+            chats = chat_turns(self.tok, e.prompt) if self.cfg.chat_turns else []
+            queries += variants + chats
+            answers += [e.target_new] * (len(variants) + len(chats))
+            row_edit += [i] * (len(variants) + len(chats))
+            templated += [False] * len(variants) + [True] * len(chats)
+        for e in edits:  # near misses: always in the step (row -2)
+            for text in self._near_misses(e):
+                queries.append(text)
+                answers.append(None)
+                row_edit.append(NEAR_MISS)
+        for text in self.state.negatives:  # generic irrelevant text: sampled per step (row -1)
+            queries.append(text)
+            answers.append(None)
+            row_edit.append(IRRELEVANT)
+        templated += [False] * (len(queries) - len(templated))
+        return encode_pairs(self.tok, queries, answers, templated=templated), torch.tensor(row_edit)
+
+    # ---- the schedule --------------------------------------------------------------
+    def _fold_into_last(self, n_edits: int) -> bool:
+        """Merge mode: whether the next group joins the newest memory or opens a new one."""
+        counts, cap = self.state.memory_edit_counts, self.cfg.edits_per_memory
+        if self.cfg.mode != "merge" or not self.mem.n_memories:
+            return False
+        return cap == 0 or counts[-1] + n_edits <= cap
+
+    def _start_delta(self, fold: bool) -> torch.Tensor:
+        if fold:
+            return self.mem.memories[-1].clone()
+        if self.cfg.mode == "merge":  # a new memory: earlier edits live elsewhere, nothing to replay
+            self.mem.set_replay(torch.zeros(0, 0), 0.0)
+        return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
+
+    def apply(self, edits: list[EditRecord], progress: ProgressFn | None = None) -> list[dict]:
+        """Train all edits in shards, merging every ``shards_per_merge``; returns per-edit placement."""
+        cfg = self.cfg
+        shards = [edits[i:i + cfg.edits_per_shard] for i in range(0, len(edits), cfg.edits_per_shard)]
+        placed: list[dict] = []
+        done = 0
+        for g in range(0, len(shards), cfg.shards_per_merge):
+            group = shards[g:g + cfg.shards_per_merge]
+            fold = self._fold_into_last(sum(len(s) for s in group))
+            start = self._start_delta(fold)
+            results: list[ShardResult] = []
+            for shard in group:
+                index = self.state.shards_trained
+                batch, row_edit = self.shard_batch(shard)
+                mask = shard_mask(start.shape, cfg.mask_ratio, cfg.seed * 1_000_003 + index, self.device)
+
+                def report(step: int, loss: float, active: int, _n=len(shard), _d=done) -> None:
+                    if progress:
+                        progress({"done": _d, "step": step, "loss": loss, "active": active,
+                                  "shard": index, "shard_size": _n})
+                forward = self.forward_factory(batch.to(self.device)) if self.forward_factory else None
+                known = self._negative_acts() if forward is None and self.state.negatives else None
+                res = train_shard(self.model, self.mem, self.blocks, self.layer, batch, row_edit,
+                                  start, mask, cfg, forward=forward, progress=report,
+                                  replay=self._replay(), known=known)
+                _check_finite(res, index, cfg)
+                results.append(res)
+                self.state.shards_trained += 1
+                done += len(shard)
+                if progress:
+                    progress({"done": done, "step": res.steps, "loss": res.loss, "active": 0,
+                              "shard": index, "shard_size": len(shard), "shard_done": True})
+                for e in shard:
+                    placed.append({"id": e.id, "shard": index, "steps": res.steps})
+            group_edits = [e for s in group for e in s]
+            k = self._merge(results, start, group_edits, fold)
+            for p, e in zip(placed[len(placed) - len(group_edits):], group_edits):
+                p["memory"], p["subject"] = k, subject_of(e.prompt, e.subject)
+            self.mem.add_edits(k, [p["subject"] for p in placed[len(placed) - len(group_edits):]],
+                               [e.target_new for e in group_edits])
+        return placed
+
+    def _replay(self) -> torch.Tensor | None:
+        """Earlier edits' replay factor, when new shards train on top of them (merge mode)."""
+        mem = self.mem
+        if self.cfg.mode != "merge" or not self.cfg.replay_weight or not mem.replay_factor.numel():
+            return None
+        return mem.replay_factor
+
+    @torch.no_grad()
+    def _add_replay(self, results: list[ShardResult]) -> None:
+        """Fold the group's edit-row activations (answers and prefixed copies too) into the factor."""
+        mem = self.mem
+        if self.cfg.mode != "merge" or not self.cfg.replay_weight \
+                or any(r.edit_acts is None for r in results):
+            return
+        new = torch.cat([counted_tokens(project_out(r.edit_acts.float(), mem.basis), r.edit_attn)
+                         for r in results])
+        mem.set_replay(*replay_factor(mem.replay_factor, float(mem.replay_count), new, self.cfg.replay_rank))
+
+    def _merge(self, results: list[ShardResult], start: torch.Tensor,
+               edits: list[EditRecord], fold: bool) -> int:
+        """TIES-merge a group of shards; merge mode folds it into the newest memory until that
+        holds ``edits_per_memory``, otherwise (and always in retrieve mode) it becomes a new one.
+        The memory's threshold is then re-measured over every edit it holds, under the memory
+        as it is now: each merge raises all its scores."""
+        cfg, mem = self.cfg, self.mem
+        new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
+        if fold:
+            k = mem.n_memories - 1
+            mem.replace_memory(k, new)
+        else:
+            k = mem.add_memory(new)
+            self.state.memory_edit_counts.append(0)
+        self._add_keys(edits, k, new)
+        sel = mem.key_memory == k
+        mem.set_threshold(k, min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new, mem.scale,
+                                            cfg.score_pooling), cfg.act_ratio)
+        self._add_replay(results)
+        self.state.memory_edit_counts[k] += len(edits)
+        return k
+
+    def _edit_seed(self, e: EditRecord) -> int:
+        """A seed per edit from its prompt: the same rows whichever batch it arrives in."""
+        return self.cfg.seed + int(hashlib.sha256(e.prompt.encode()).hexdigest()[:8], 16)
+
+    def _near_misses(self, e: EditRecord) -> list[str]:
+        return neighbours(e.prompt, e.subject, self.cfg.n_neighbours, self._edit_seed(e), self._rank)
+
+    @torch.no_grad()
+    def _reference_tokens(self, edits: list[EditRecord]) -> torch.Tensor:
+        """(N, d_in) activations keys must not match: the irrelevant prompts' tokens (once per
+        editor) and these edits' near misses."""
+        def tokens(texts: list[str]) -> torch.Tensor:
+            if not texts:
+                return torch.zeros(0, self.mem.in_features, device=self.device)
+            batch, raw = self._layer_inputs(texts)
+            return raw[scored_tokens(batch.query_mask, raw[..., 0]) > 0].float()
+        key = tuple(self.state.negatives)
+        if self._reference is None or self._reference[0] != key:
+            self._reference = (key, tokens(list(key)))
+        near = tokens([t for e in edits for t in self._near_misses(e)])
+        return torch.cat([self._reference[1], near])
+
+    @torch.no_grad()
+    def _add_keys(self, edits: list[EditRecord], k: int, memory: torch.Tensor) -> None:
+        """Keep each edit's loudest prompt activations under ``memory`` as router keys (with
+        ``key_choice: distinct``, the loudest of those no near miss or irrelevant prompt matches)."""
+        mem = self.mem
+        batch, raw = self._layer_inputs([e.prompt for e in edits])
+        if self.cfg.key_choice == "distinct" and self.cfg.key_gate > 0:
+            acts, real = distinct_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit,
+                                         self._reference_tokens(edits), mem.basis, self.cfg.key_gate)
+        else:
+            acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
+        mem.add_keys(acts, real, k)
