@@ -94,3 +94,40 @@ def test_the_manifest_schema_is_a_valid_json_schema_that_format_1_upgrades_meet(
         tensors = safetensors.torch.load_file(str(DATA / name / "wise.safetensors"))
         upgraded, _ = upgrade(raw, tensors, "wise.json")  # ... its upgrade is (validated inside)
         assert upgraded["format_version"] == FORMAT_VERSION
+
+
+DATA_V2 = Path(__file__).parent / "data" / "compat-v2"
+
+
+@pytest.mark.parametrize("name", ["merge", "retrieve"])
+def test_a_format_2_checkpoint_gives_what_it_gave(name):
+    """0.4.1's checkpoints (generation routed token by token, targets followed, the cache
+    refreshed after an answer): the same logits, routes, answering memories and generations,
+    in a left-padded batch and one prompt at a time."""
+    expected = json.loads((DATA_V2 / f"expected-{name}.json").read_text())
+    want = safetensors.torch.load_file(str(DATA_V2 / f"expected-{name}.safetensors"))["logits"]
+    sess = open_model(str(DATA_V2 / name), device="cpu")
+    assert sess.manifest["format_version"] == FORMAT_VERSION  # upgraded on read
+    assert sess.mem.n_memories == expected["n_memories"]
+    assert not sess.mem.router.cfg.hold and sess.mem.edit_targets
+    prompts, tok = expected["prompts"], sess.tokenizer
+    batch = encode_pairs(tok, prompts, [None] * len(prompts))
+    with torch.no_grad():
+        got = sess.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert sess.mem.last_route.tolist() == expected["routes"]
+    enc = tok(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    with torch.no_grad():
+        seqs = sess.model.generate(**enc, do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                                   pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) == expected["generations"]
+    assert sess.mem.answered_route.tolist() == expected["answered"]
+    alone = []
+    for p in prompts:
+        one = tok([p], return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            s = sess.model.generate(**one, do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                                    pad_token_id=tok.pad_token_id)
+        alone.append(tok.decode(s[0, one["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert alone == expected["generations_alone"]

@@ -168,8 +168,10 @@ def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     a = torch.randn(5, 3, d_in)
     a[0, 2], a[1, 1], a[3, 2] = 4 * keys[3], 2 * keys[7], 3 * keys[7]  # rows 2 and 4: no key
     mask = torch.ones(5, 3)
+    cache = _Cache()  # what a generation's decode steps are handed
     mem.begin_call(None, mask, decoding=False)
     out = mem(a)
+    mem.end_call(cache)
     # the reference: every memory's output and score, the gate, then top-1 routing
     deltas = torch.stack([F.linear(a, mem.memories[k]) for k in range(k_mem)])
     sims = key_similarity(a, mask, F.normalize(mem.edit_keys.float(), dim=-1), mem.key_memory, k_mem)
@@ -182,11 +184,15 @@ def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     picked = torch.stack([deltas[r, i] if r >= 0 else torch.zeros(3, d_out) for i, r in enumerate(route.tolist())])
     torch.testing.assert_close(out, mem.base_layer(a) + picked)
     # a decode step keeps the prompt's route and still adds only that memory's output
-    mem.begin_call(None, mask, decoding=True)
+    mem.begin_call(None, mask, decoding=True, cache=cache)
     step = torch.randn(5, 1, d_in)
     want = mem.base_layer(step) + torch.stack(
         [F.linear(step[i], mem.memories[r]) if r >= 0 else torch.zeros(1, d_out) for i, r in enumerate(route.tolist())])
     torch.testing.assert_close(mem(step), want)
+
+
+class _Cache:
+    """Stands in for transformers' cache object: the generation's identity."""
 
 
 def test_an_unconfigured_layer_routes_by_scores_alone():

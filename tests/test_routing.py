@@ -4,6 +4,8 @@ the decision the prompt made.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -205,7 +207,7 @@ def test_once_the_target_is_written_the_cache_is_the_unedited_models(model_dir, 
     rerunning only the blocks from the memory's up agrees with rerunning all; later ones
     rerun only those."""
     sess = open_model(str(model_dir), device="cpu", layer=1)  # layers above it hold a cache the edit reaches
-    refresher = sess.model._wise_refresher
+    refresher = sess.mem.installed.refresher
     assert refresher.index == 1 and refresher.fast is None
     if blocks != "checked":
         refresher.fast = True
@@ -284,10 +286,46 @@ def test_installing_again_or_taking_the_memory_out_leaves_no_stray_hooks(model_d
     the model hook and the block hook that records for the cache refresh."""
     from wisecli.runtime.memory import install, uninstall
     sess = open_model(str(model_dir), device="cpu", layer=1)
-    block = sess.model._wise_refresher.blocks[1]
-    on_block, on_model = len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)
+    block = sess.mem.installed.refresher.blocks[1]
+    def counts():
+        return len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks), len(sess.model._forward_hooks)
+    before = counts()
     install(sess.model, sess.mem)
     install(sess.model, sess.mem)
-    assert (len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)) == (on_block, on_model)
+    assert counts() == before
     uninstall(sess.model)
-    assert (len(block._forward_pre_hooks), len(sess.model._forward_pre_hooks)) == (on_block - 1, on_model - 1)
+    assert counts() == (before[0] - 1, before[1] - 1, before[2] - 1)
+    assert sess.mem.installed is None and not any(k.startswith("_wise") for k in vars(sess.model))
+
+
+def _greedy_steps(sess, prompts: list[str], n: int):
+    """A hand-written greedy decoding loop, one step per ``next()``: yields each step's tokens."""
+    tok = sess.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    mask = enc["attention_mask"]
+    with torch.no_grad():
+        out = sess.model(**enc, use_cache=True)
+    for _ in range(n):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        yield nxt[:, 0].tolist()
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        with torch.no_grad():
+            out = sess.model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values,
+                             use_cache=True)
+
+
+def test_two_generations_interleaved_each_keep_their_own_routing_state():
+    """Each decode step finds its generation by the cache it is given, not by the batch's shape:
+    two generations of the same batch size, stepped in turn, write what each writes alone
+    (a checkpoint whose memories answer, follow their targets and refresh the cache)."""
+    sess = open_model(str(Path(__file__).parent / "data" / "compat-v2" / "merge"), device="cpu")
+    first = ["the capital of france is", "the queen lives in", "the king lives in"]
+    second = ["the author of hamlet was", "the blue river is in", "the capital of spain is"]
+    alone = [list(zip(*_greedy_steps(sess, p, 8))) for p in (first, second)]
+    a, b = _greedy_steps(sess, first, 8), _greedy_steps(sess, second, 8)
+    together = [[], []]
+    for _ in range(8):
+        together[0].append(next(a))
+        together[1].append(next(b))
+    assert [list(zip(*t)) for t in together] == alone
+    assert any(r >= 0 for r in sess.mem.answered_route.tolist())

@@ -41,16 +41,15 @@ class CacheRefresher:
     """Records the residual stream entering the memory's block, and rewrites cached rows.
 
     ``main_only`` is the memory layer's context that skips the side memories; ``layer`` is
-    the memory layer, used to find its block.
+    the memory layer, used to find its block; ``recording`` gives the generation whose
+    residual stream this call records (None: nothing to record).
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module, main_only: Callable[[], ContextManager],
-                 wanted: Callable[[], bool]) -> None:
-        self.model, self.main_only, self.wanted = model, main_only, wanted
+                 recording: Callable[[], Any]) -> None:
+        self.model, self.main_only, self.recording = model, main_only, recording
         self.blocks, self.index = _block_of(model, layer)
         self.fast: bool | None = None if self.blocks is not None and self.index > 0 else False
-        self._buf: torch.Tensor | None = None  # (B, capacity, d): what entered the memory's block
-        self._len = 0                          # positions of _buf that are filled
         self._busy = False                     # inside a refresh: nothing is recorded
         self._handle = None
         if self.fast is not False:
@@ -61,42 +60,27 @@ class CacheRefresher:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._buf, self._len = None, 0
 
     def _record(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Keep the residual stream of every position the cache holds (a growing buffer:
-        appending to a tensor each token would copy the whole history each token)."""
+        """Keep the residual stream of every position the cache holds, in the generation."""
         if self._busy:
             return
+        gen = self.recording()
+        if gen is None:
+            return
         h = args[0] if args else kwargs.get("hidden_states")
-        if not self.wanted() or not isinstance(h, torch.Tensor) or h.dim() != 3 or torch.is_grad_enabled():
-            self._buf, self._len = None, 0
-            return
         cached = next((a for a in (*args[1:], *kwargs.values()) if hasattr(a, "get_seq_length")), None)
-        if cached is None:  # not generating: nothing to refresh later
-            self._buf, self._len = None, 0
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or torch.is_grad_enabled() or cached is None:
+            gen.drop_hidden()  # not generating: nothing to refresh later
             return
-        buf = self._buf
-        if buf is None or buf.shape[0] != h.shape[0] or cached.get_seq_length(self.index) != self._len:
-            buf, self._len = None, 0  # a new prompt
-        need = self._len + h.shape[1]
-        if buf is None or buf.shape[1] < need or buf.dtype != h.dtype:
-            grown = h.new_empty(h.shape[0], max(need, 2 * self._len, 64), h.shape[2])
-            if buf is not None and self._len:
-                grown[:, :self._len] = buf[:, :self._len]
-            buf = grown
-        buf[:, self._len:need] = h.detach()
-        self._buf, self._len = buf, need
-
-    @property
-    def _hidden(self) -> torch.Tensor | None:
-        return None if self._buf is None else self._buf[:, :self._len]
+        gen.record_hidden(h, cached.get_seq_length(self.index))
 
     @torch.no_grad()
-    def refresh(self, kwargs: dict, rows: torch.Tensor, ids: torch.Tensor) -> bool:
+    def refresh(self, kwargs: dict, rows: torch.Tensor, ids: torch.Tensor, generation: Any) -> bool:
         """Recompute the cached keys and values of ``rows`` without the side memory.
 
-        ``ids`` is the text the cache holds and ``kwargs`` the decode step's own arguments
+        ``ids`` is the text the cache holds, ``generation`` the residual stream recorded for
+        it (``Generation.hidden``), and ``kwargs`` the decode step's own arguments
         (its attention mask covers the cache and the new token).  The positions are the ones
         transformers' ``generate`` gives a left-padded batch.  Returns False, changing nothing,
         for a cache this does not know how to rewrite.
@@ -112,7 +96,7 @@ class CacheRefresher:
             return False
         sub = rows.nonzero().flatten().to(ids.device)  # only those rows: a prefill of the whole batch costs more
         call = (ids[sub], mask[sub, :n], cache, "cache" if "cache" in kwargs else "past_key_values")
-        fresh = self._rerun(call, sub)
+        fresh = self._rerun(call, sub, generation.hidden)
         if fresh is None or len(fresh.layers) != len(layers):
             return False
         start = self.index if self.fast else 0
@@ -123,10 +107,9 @@ class CacheRefresher:
             c.values[sub] = f.values.to(c.values.dtype)
         return True
 
-    def _rerun(self, call: tuple, sub: torch.Tensor) -> Any:
+    def _rerun(self, call: tuple, sub: torch.Tensor, hidden: torch.Tensor | None) -> Any:
         """The unedited cache of the rows: from the memory's block up once that is known to
         agree with every block rerun (checked on the first refresh), else every block."""
-        hidden = self._hidden
         usable = (hidden is not None and hidden.shape[1] >= call[0].shape[1]
                   and hidden.shape[0] == call[2].layers[-1].keys.shape[0])
         if self.fast is False or not usable:

@@ -3,10 +3,11 @@ the one the router picks for each example.
 
 It replaces the FFN output projection in the model (peft-style: it keeps ``base_layer`` and
 adds its own state beside it).  All tensor state is in registered buffers, so
-``wise_state()`` is exactly what is saved; the only other state is each edit's subject
-(text, in the manifest).  The state changes only through this class's methods; routing
-settings only through ``configure``; the per-call context only through ``begin_call``,
-which the model-level hook of ``install`` calls once per model call.
+``wise_state()`` is exactly what is saved; the only other saved state is each edit's subject
+and target (text, in the manifest).  The state changes only through this class's methods;
+routing settings only through ``configure``; the per-call context only through
+``begin_call`` / ``end_call``, which the hooks of ``install`` call around each model call.
+A generation's routing state is its ``Generation``, found again by the generation's cache.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .cache import CacheRefresher, cache_of
 from .maths import pool_scores, project_out, token_scores
+from .generation import Generation, Generations
 from .router import RouteContext, Router, RouterConfig
 
 # Buffers every checkpoint holds, and their dtypes (the rest are float32).
@@ -66,6 +68,9 @@ class SideMemoryLayer(nn.Module):
         self.router = Router(RouterConfig.plain(), tokenizer)
         # Transient, never saved.
         self._ctx = RouteContext()
+        self._generations = Generations()
+        self.last_generation: Generation | None = None  # the last routed call's, read after generate()
+        self.installed: Installed | None = None  # the hooks that feed begin_call / end_call
         self._train_delta: torch.Tensor | None = None
         self._mask_override: torch.Tensor | None = None
         self._enabled = True
@@ -103,18 +108,14 @@ class SideMemoryLayer(nn.Module):
 
     @property
     def held_route(self) -> torch.Tensor | None:
-        return self.router.held
-
-    def follows_targets(self) -> bool:
-        """Whether generation follows the edits' targets token by token (and so may refresh
-        its cache once an answer is written)."""
-        return self.n_memories > 0 and not self.router.cfg.hold and bool(self.edit_targets)
+        """(B,) the last routed call's route, as its generation holds it."""
+        return None if self.last_generation is None else self.last_generation.held
 
     @property
     def answered_route(self) -> torch.Tensor | None:
-        """(B,) the memory that answered a generation: the prompt's, else the first one a
-        generated token was routed to (NO_MEMORY: none)."""
-        return self.router.answered
+        """(B,) the memory that answered the last generation: the prompt's, else the first one
+        a generated token was routed to (NO_MEMORY: none)."""
+        return None if self.last_generation is None else self.last_generation.answered
 
     # ---- what editing changes ------------------------------------------------------------
     def calibrate(self, scale: float, basis: torch.Tensor) -> None:
@@ -159,11 +160,36 @@ class SideMemoryLayer(nn.Module):
 
     # ---- per call ------------------------------------------------------------------------
     def begin_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                   decoding: bool) -> None:
-        """Called by the model-level hook before each model call: the router's context."""
+                   decoding: bool, cache: Any = None) -> None:
+        """Called by the model-level hook before each model call: the router's context.  A
+        decode step goes on with the generation its cache carries (``Generations``); anything
+        else is a prompt, which starts one."""
         mask = self._mask_override if self._mask_override is not None else attention_mask
-        routes = self._train_delta is None and self._enabled and self.n_memories > 0
-        self._ctx = self.router.context(input_ids, mask, decoding, self if routes else None)
+        if self._train_delta is not None or not self._enabled or self.n_memories == 0:
+            self.router.last_route = None
+            self._ctx = RouteContext(mask, decoding, ids=input_ids)
+            return
+        generation = self._generations.find(cache) if decoding else None
+        self._ctx = self.router.context(input_ids, mask, generation, self)
+        self.last_generation = self._ctx.generation
+
+    def end_call(self, cache: Any) -> None:
+        """Called by the model-level hook after each model call: the cache it returns carries
+        the generation its decode steps continue."""
+        if self._ctx.generation is not None and cache is not None:
+            self._generations.bind(cache, self._ctx.generation)
+
+    def take_refresh(self) -> tuple[torch.Tensor, torch.Tensor, Generation] | None:
+        """This call's rows whose answer was just written, the text their cache holds, and
+        their generation (``Generation.take_refresh``)."""
+        gen = self._ctx.generation
+        pending = gen.take_refresh() if gen is not None and self._ctx.decoding else None
+        return None if pending is None else (*pending, gen)
+
+    def recording(self) -> Generation | None:
+        """The generation whose residual stream is being recorded in this call, if any."""
+        gen = self._ctx.generation
+        return gen if gen is not None and gen.follows else None
 
     @contextmanager
     def routing_on(self, token_mask: torch.Tensor) -> Iterator[None]:
@@ -244,35 +270,52 @@ def _is_decode_step(kwargs: dict) -> bool:
         return False
 
 
+class Installed:
+    """What ``install`` adds to a model: its two hooks and the cache refresher (owned by the
+    layer, so nothing is set on the transformers model)."""
+
+    def __init__(self, model: nn.Module, layer: "SideMemoryLayer") -> None:
+        self.refresher = CacheRefresher(model, layer, layer.main_only, layer.recording)
+
+        def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            layer.begin_call(ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
+                             mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                             _is_decode_step(kwargs), cache_of(kwargs))
+            pending = layer.take_refresh()
+            if pending is not None:
+                self.refresher.refresh(kwargs, *pending)
+
+        def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
+            layer.end_call(getattr(output, "past_key_values", None))
+
+        self.handles = (model.register_forward_pre_hook(before, with_kwargs=True),
+                        model.register_forward_hook(after, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.refresher.close()
+
+
 def install(model: nn.Module, layer: SideMemoryLayer) -> None:
-    """Give the layer each model call's input ids, attention mask and prefill/decode phase.
+    """Give the layer each model call's input ids, attention mask, cache and prefill/decode phase.
 
     The layer sits deep inside the model and never sees them; a forward pre-hook on the
     whole model hands them over once per call, so padding never counts in a score, the
-    subject gate reads the prompt's text once, and a decision taken on the prompt is held
-    while generating.  It is also where a generation step can rewrite the cache: once a
+    subject gate reads the prompt's text once, and a decode step finds its generation's
+    state by its cache.  It is also where a generation step can rewrite the cache: once a
     memory has written its answer, that row's cache is recomputed without it
     (``cache.CacheRefresher``), so what follows reads the unedited model's states.
     """
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        layer.begin_call(ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
-                         mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-                         _is_decode_step(kwargs))
-        pending = layer.router.refresh_rows()
-        if pending is not None:
-            refresher.refresh(kwargs, *pending)
-
     uninstall(model)
-    refresher = model._wise_refresher = CacheRefresher(model, layer, layer.main_only, layer.follows_targets)
-    model._wise_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    layer.installed = Installed(model, layer)
 
 
 def uninstall(model: nn.Module) -> None:
     """Remove what ``install`` added (before the memory layer is taken out of the model)."""
-    hook, refresher = model.__dict__.pop("_wise_hook", None), model.__dict__.pop("_wise_refresher", None)
-    if hook is not None:
-        hook.remove()
-    if refresher is not None:
-        refresher.close()
+    for module in model.modules():
+        if isinstance(module, SideMemoryLayer) and module.installed is not None:
+            module.installed.remove()
+            module.installed = None

@@ -12,10 +12,10 @@ every merge raises the shared memory's score on all text (docs/experiments.md, "
 * subject gate: the prompt's text names one of the memory's edits' subjects (edits without
   a subject keep the key and coverage gates).
 
-The functions are plain tensor maths; ``Router`` holds the routing settings, the per-call
-context that the model-level hook prepares (``RouteContext``) and the decision held while
-generating.  It reads the memory's tensors from the layer (``MemoryBank``) and never
-writes them.
+The functions are plain tensor maths; ``Router`` holds the routing settings and makes each
+call's decision from the context that the model-level hook prepares (``RouteContext``),
+which carries the ``Generation`` a decode step belongs to.  It reads the memory's tensors
+from the layer (``MemoryBank``) and never writes them.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .maths import activation_score, project_out, scored_tokens
+from .generation import Generation
 from .subjects import SentenceSubjects, prompt_texts, subject_open
 
 NO_MEMORY = -1  # route index meaning "main memory"
@@ -71,6 +72,7 @@ class RouteContext:
     named: torch.Tensor | None = None
     keyed: torch.Tensor | None = None
     ids: torch.Tensor | None = None  # (B, T) the call's input ids (a generated token when decoding)
+    generation: Generation | None = None  # the generation this call starts or continues
 
     def mask_for(self, t: int) -> torch.Tensor | None:
         """The mask over the last ``t`` positions (a decode step sees one new token)."""
@@ -91,6 +93,7 @@ class MemoryBank(Protocol):
     key_edit: torch.Tensor
     key_memory: torch.Tensor
     edit_subjects: list[tuple[int, str | None]]
+    edit_targets: list[tuple[int, str]]
 
     @property
     def n_memories(self) -> int: ...
@@ -183,7 +186,8 @@ DeltaOut = Callable[[int], torch.Tensor]  # k -> D_k a for this call's input, (B
 
 
 class Router:
-    """Routing settings, the per-call context, and the decision of the last prompt."""
+    """Routing settings and each call's decision.  What a decision depends on from earlier
+    calls of the same generation is the ``Generation`` the call's context carries."""
 
     def __init__(self, cfg: RouterConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
@@ -191,94 +195,41 @@ class Router:
         # text on token ids; without a tokenizer, keys decide.
         self.decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
         self.sentences = SentenceSubjects(tokenizer) if tokenizer is not None else None
-        self._recent: torch.Tensor | None = None     # (B, m) the last generated tokens
-        self._sentence: torch.Tensor | None = None   # (K, B) memories the current sentence names
-        self._track: torch.Tensor | None = None      # (B, E') targets a row's answer may still be
-        self._pos: torch.Tensor | None = None        # (B,) tokens of the answer generated so far
-        self._shut: torch.Tensor | None = None       # (K, B) answered already in this sentence
-        self._next: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (going, alive, pos)
-        self._ids: torch.Tensor | None = None        # (B, n) the text so far: the prompt, then each new token
-        self._cached: torch.Tensor | None = None     # (B, n) the text whose states the cache holds
-        self._refresh: torch.Tensor | None = None    # (B,) rows whose answer was just written
-        self.held: torch.Tensor | None = None         # (B,) the prompt's route, kept while decoding
-        self.answered: torch.Tensor | None = None     # (B,) first memory used since the prompt
         self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
         self.last_scores: torch.Tensor | None = None  # (K, B) gated scores of the last decision
-        self._prompt_named: tuple[torch.Tensor, torch.Tensor] | None = None
+        # What the keys give, rebuilt when a merge replaces the tensors.
         self._unit_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
 
     def configure(self, cfg: RouterConfig) -> None:
-        self.cfg, self.held, self._prompt_named, self._sentence = cfg, None, None, None
+        self.cfg = cfg
 
     # ---- per call ----------------------------------------------------------------------------
     def context(self, input_ids: torch.Tensor | None, token_mask: torch.Tensor | None,
-                decoding: bool, bank: MemoryBank | None) -> RouteContext:
-        """The call's context; ``bank`` None when nothing will be routed (training, no
-        memories), so no text is decoded.  A decode step keeps the prompt's subject answer:
-        one new token names nothing."""
+                generation: Generation | None, bank: MemoryBank) -> RouteContext:
+        """The call's context: a decode step of ``generation``, or (None) a prompt, which
+        starts a generation of its own.  A decode step keeps the prompt's subject answer, or
+        follows the sentence being written: one new token names nothing by itself."""
         self.last_route = None
+        reads_text = self.cfg.subject_gate and bool(bank.edit_subjects) and self.decode is not None
+        follow = None if self.cfg.hold else self.sentences
+        if generation is None:
+            generation = Generation(input_ids, follows=not self.cfg.hold and bool(bank.edit_targets))
+            if reads_text and input_ids is not None:
+                found, keyed = subject_open(prompt_texts(input_ids, token_mask, self.decode), bank.edit_subjects,
+                                            bank.n_memories)
+                dev = bank.memories.device
+                generation.read_prompt((found.to(dev), keyed.to(dev)), follow, input_ids, token_mask,
+                                       bank.edit_subjects, bank.n_memories, dev)
+            return RouteContext(token_mask, False, *(generation.named or (None, None)), ids=input_ids,
+                                generation=generation)
         named = None
-        if bank is not None and self.cfg.subject_gate and bank.edit_subjects and self.decode is not None:
-            batch = next((t.shape[0] for t in (input_ids, token_mask) if t is not None), None)
-            kept = self._prompt_named
-            if decoding and kept is not None and kept[0].shape[1] == batch:
-                named = self._follow(input_ids, kept, bank) if not self.cfg.hold else kept
-            elif input_ids is not None:
-                named = self._read_prompt(input_ids, token_mask, bank)
-        if bank is not None and not self.cfg.hold:
-            self._note_text(input_ids, decoding, bank)
-        return RouteContext(token_mask, decoding, *(named or (None, None)), ids=input_ids)
-
-    def _note_text(self, ids: torch.Tensor | None, decoding: bool, bank: MemoryBank) -> None:
-        """Keep the text the cache holds, and follow the answers being written (``_advance``)."""
-        self._next = self._refresh = None
-        if ids is None:
-            self._ids = self._cached = None
-            return
-        if not decoding or self._ids is None or self._ids.shape[0] != ids.shape[0]:
-            self._ids, self._cached = ids, None
-            return
-        self._cached, self._ids = self._ids, torch.cat([self._ids, ids.to(self._ids.device)], dim=1)
-        held = self.held
-        if self._track is not None and held is not None and self._track.shape[0] == held.shape[0] == ids.shape[0]:
-            self._advance(ids[:, -1].to(held.device), held, bank)
-
-    def refresh_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rows whose memory has just written its answer, and the text the cache holds.
-
-        The memory acted on every prompt position, so the cached keys and values above its
-        layer carry the edit, and the unedited weights read it back after the answer
-        ("Essex Essex Essex"): those rows' cache is to be recomputed without the memory.
-        One host sync per generated token while a memory may answer (transformers' own
-        stopping check already syncs each step)."""
-        rows, self._refresh = self._refresh, None
-        if rows is None or self._cached is None or not bool(rows.any()):
-            return None
-        return rows, self._cached
-
-    def _read_prompt(self, ids: torch.Tensor, mask: torch.Tensor | None,
-                     bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's subject answer (its text, decoded once); and, for generation that is not
-        held, what its last sentence names, from which generated tokens are followed."""
-        found, keyed = subject_open(prompt_texts(ids, mask, self.decode), bank.edit_subjects, bank.n_memories)
-        dev = bank.memories.device
-        self._prompt_named = (found.to(dev), keyed.to(dev))
-        if not self.cfg.hold and self.sentences is not None:
-            span = self.sentences.span(bank.edit_subjects, ids.device)
-            self._recent = torch.nn.functional.pad(ids, (max(0, span - ids.shape[1]), 0), value=-1)[:, -span:]
-            self._sentence = self.sentences.in_sentence(ids, mask, bank.edit_subjects, bank.n_memories).to(dev)
-        return self._prompt_named
-
-    def _follow(self, ids: torch.Tensor | None, kept: tuple[torch.Tensor, torch.Tensor],
-                bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A generation step's subject answer: what the current sentence of the text so far names."""
-        if ids is None or self._sentence is None or self._recent is None or self._recent.shape[0] != ids.shape[0]:
-            return kept
-        self._recent, sentence = self.sentences.step(self._recent, ids[:, -1:].to(self._recent.device),
-                                                     self._sentence.to(ids.device), bank.edit_subjects)
-        self._sentence = sentence.to(bank.memories.device)
-        return self._sentence, kept[1]
+        if reads_text:
+            named = generation.named if follow is None else \
+                generation.follow_sentence(input_ids, follow, bank.edit_subjects, bank.memories.device)
+        if not self.cfg.hold:
+            generation.note_token(input_ids, self.sentences, bank.edit_targets, bank.n_memories)
+        return RouteContext(token_mask, True, *(named or (None, None)), ids=input_ids, generation=generation)
 
     def route(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut) -> torch.Tensor:
         """(B,) memory index per example, NO_MEMORY for the main memory.
@@ -288,56 +239,18 @@ class Router:
         text follows one of its edits' targets, and once it has answered it stays shut until
         the sentence ends: a reply can reach an edited fact ("The capital of Australia is")
         and move on after the answer instead of repeating it."""
-        held = self.held
-        if ctx.decoding and held is not None and held.shape[0] == a32.shape[0]:
-            route = held if self.cfg.hold else self._step(a32, ctx, bank, delta_out, held)
-            if self.answered is not None and self.answered.shape == route.shape:
-                self.answered = torch.where(self.answered >= 0, self.answered, route)
+        gen = ctx.generation if ctx.generation is not None else Generation(None, follows=False)
+        if ctx.decoding and gen.held is not None:
+            if self.cfg.hold:
+                route = gen.held
+                gen.routed(route)
+            else:
+                route = gen.step_route(lambda shut: self._decide(a32, ctx, bank, delta_out, shut),
+                                       self.sentences, bank.edit_targets)
         else:
             route = self._decide(a32, ctx, bank, delta_out)
-            if not self.cfg.hold:
-                self._start(route, bank)
-            self.answered = route
-        self.held = self.last_route = route
-        return route
-
-    def _start(self, route: torch.Tensor, bank: MemoryBank) -> None:
-        """After a prompt: rows routed to a memory follow its edits' targets from their start."""
-        if self.sentences is None or not bank.edit_targets:
-            self._track = None
-            return
-        _, _, owner = self.sentences.targets(bank.edit_targets, route.device)
-        self._track = (owner[None, :] == route[:, None]) & (route[:, None] >= 0)
-        self._pos = torch.zeros_like(route)
-        self._shut = torch.zeros(bank.n_memories, route.shape[0], dtype=torch.bool, device=route.device)
-
-    def _advance(self, y: torch.Tensor, held: torch.Tensor, bank: MemoryBank) -> None:
-        """Before a generated token's forward: does it go on writing an edit's target, or
-        complete one (that memory shut until the sentence ends, the row's cache refreshed)?"""
-        table, lengths, _ = self.sentences.targets(bank.edit_targets, held.device)
-        col = table.gather(1, self._pos.clamp(max=table.shape[1] - 1)[None, :].expand(table.shape[0], -1)).T
-        alive = self._track & (col == y[:, None]) & (self._pos[:, None] < lengths[None, :])
-        pos = self._pos + 1
-        complete = (alive & (lengths[None, :] == pos[:, None])).any(1) & (held >= 0)
-        going = (held >= 0) & alive.any(1) & ~complete
-        done = torch.nn.functional.one_hot(held.clamp(min=0), bank.n_memories).T.bool() & complete[None]
-        ends = self.sentences.boundary(held.device)
-        self._shut = (self._shut | done) & ~ends[y.clamp(0, ends.numel() - 1)][None, :]
-        self._next, self._refresh = (going, alive, pos), complete
-
-    def _step(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
-              held: torch.Tensor) -> torch.Tensor:
-        """One generated token: keep an answer that is still being written, else route afresh."""
-        step = self._next
-        if step is None or step[0].shape[0] != held.shape[0]:
-            return self._decide(a32, ctx, bank, delta_out)
-        going, alive, pos = step
-        _, _, owner = self.sentences.targets(bank.edit_targets, held.device)
-        fresh = self._decide(a32, ctx, bank, delta_out, shut=self._shut)
-        route = torch.where(going, held, fresh)
-        started = (route >= 0) & ~going
-        self._track = torch.where(going[:, None], alive, (owner[None, :] == route[:, None]) & started[:, None])
-        self._pos = torch.where(going, pos, torch.zeros_like(pos))
+            gen.prompt_routed(route, self.sentences, bank.edit_targets, bank.n_memories)
+        self.last_route = route
         return route
 
     def _decide(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
