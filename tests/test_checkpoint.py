@@ -42,7 +42,8 @@ def tensors() -> dict[str, torch.Tensor]:
 
 def manifest() -> dict:
     """What wise edit hands write_checkpoint (it adds base.path/embedded/files and tensors)."""
-    return {"tool": {"name": "wise", "version": "0.2.0"}, "base": {"origin": "tiny-test", "model_type": "llama"},
+    return {"method": "wise", "tool": {"name": "wise", "version": "0.2.0"},
+            "base": {"origin": "tiny-test", "model_type": "llama"},
             "target": {"module_path": "model.layers.0.mlp.down_proj", "layer": 0, "n_layers": 1,
                        "kind": "linear", "in_features": 16, "out_features": 8},
             "mode": "merge", "config": {}, "router": {"scale": 1.0, "thresholds": [], "min_edit_scores": [],

@@ -17,10 +17,11 @@ from wisecli.app.checkpoint import write_checkpoint
 from wisecli.methods.wise.config import WiseConfig
 from wisecli.app.edits import EditRecord
 from wisecli.app.metrics import evaluate
-from wisecli.app.manifest import after_run, upgrade
+from wisecli.app.manifest import upgrade
+from wisecli.app.pipeline import after_run
 from wisecli.app.models import load_model
-from wisecli.app.session import editor_state, open_model, resolve_config
-from wisecli.methods.wise.editor import WiseEditor
+from wisecli.app.session import open_model
+from wisecli.methods.wise.editor import EditorState, WiseEditor
 from wisecli.runtime.maths import shard_mask
 from wisecli.runtime.memory import SideMemoryLayer
 from wisecli.runtime.router import NO_MEMORY, RouterConfig
@@ -83,7 +84,7 @@ def test_older_checkpoint_replay_moment_loads_as_a_factor(model_dir):
     v1 = json.loads((Path(__file__).parent / "data" / "compat-v1" / "merge" / "wise.json").read_text())
     v1["config"] = {k: v for k, v in v1["config"].items() if k != "key_gate"}  # written before the gate
     manifest, state = upgrade(v1, {**old, "replay_cov": cov}, "wise.json")
-    assert manifest["format_version"] == 2 and manifest["config"]["key_gate"] == 0.0
+    assert manifest["format_version"] == 3 and manifest["method"] == "wise" and manifest["config"]["key_gate"] == 0.0
     sess.mem.load_wise_state(state)
     assert sess.mem.edit_keys.shape == (0, sess.mem.in_features)
     f = sess.mem.replay_factor
@@ -282,10 +283,10 @@ def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
         assert torch.equal(_route(again, text), _route(sess, text)), text
     assert int(_route(again, RECORDS[0].prompt)) == 0
     # the JSON half: a later run continues with the same prefixes, negatives and settings
-    st = editor_state(again)
+    st = EditorState.from_dict(again.manifest["editor"])
     assert (st.prefixes, st.negatives, st.shards_trained) == \
         (editor.state.prefixes, editor.state.negatives, editor.state.shards_trained)
-    assert resolve_config(again, None, {}) == cfg.replace(layer=sess.target.layer)
+    assert again.resolve_config(None, {}) == cfg.replace(layer=sess.target.layer)
     assert [e["id"] for e in again.manifest["edits"]] == [r.id for r in RECORDS]
     # the subject gate's half: each edit's subject and memory, from the manifest
     assert again.mem.router.cfg == RouterConfig.from_config(cfg)

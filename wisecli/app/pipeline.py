@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
+import torch
+
+from wisecli import __version__, methods
 from wisecli.app.checkpoint import write_checkpoint
-from wisecli.methods.wise.config import WiseConfig, load_config
 from wisecli.app.edits import EditRecord, load_edits, load_prompts
-from wisecli.errors import OutputExistsError
 from wisecli.app.metrics import EvalReport, evaluate
-from wisecli.app.manifest import after_run
-from wisecli.app.session import Session, editor_state, open_model, resolve_config
-from wisecli.methods.wise.editor import WiseEditor
+from wisecli.app.session import Session, open_model
+from wisecli.errors import OutputExistsError
+from wisecli.methods.base import Editor
 
 Tick = Callable[[int, str], None]  # (items done so far, a short note)
 
@@ -46,7 +48,8 @@ class EditOptions:
     """Everything about a run but the model, the edits and the output (all optional)."""
 
     mode: str | None = None               # None: merge, or the checkpoint's
-    config_file: str | None = None        # YAML of WiseConfig keys
+    config_file: str | None = None        # YAML of the method's config keys (WISE: WiseConfig)
+    method: str | None = None             # None: wise, or the checkpoint's
     layer: int | None = None
     module_path: str | None = None
     negatives: str | None = None          # a file of irrelevant prompts; None: the model writes them
@@ -65,7 +68,7 @@ class EditOptions:
 @dataclass
 class EditRun:
     session: Session
-    config: WiseConfig
+    config: Any                   # the method's frozen config (WISE: WiseConfig)
     records: list[EditRecord]
     placed: list[dict]            # per edit: shard, steps, memory, subject
     report: EvalReport | None
@@ -99,22 +102,22 @@ def edit(model: str | Session | None, edits: str | Path | Sequence[EditRecord], 
     records = list(edits) if not isinstance(edits, (str, Path)) else load_edits(Path(edits))
     negatives = load_prompts(Path(options.negatives)) if options.negatives else None
     if options.config_file:  # its errors before minutes of model loading, not after
-        load_config(options.config_file, None, {"seed": options.seed})
+        methods.get(options.method).load_config(options.config_file, None, {"seed": options.seed})
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not options.force:
         raise OutputExistsError(f"{out} already exists", hint="pass --force to replace it")
     sess = model if isinstance(model, Session) else _open(model, options, rep)
-    cfg = resolve_config(sess, options.config_file,
-                         {"mode": options.mode, "layer": options.layer, "seed": options.seed})
-    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg,
-                        editor_state(sess))
+    cfg = sess.resolve_config(options.config_file, {"mode": options.mode, "layer": options.layer, "seed": options.seed})
+    editor = methods.get(sess.method).editor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer,
+                                             cfg, (sess.manifest or {}).get("editor"))
     editor.prepare(negatives, source=options.negatives or "generated")
     placed, seconds = _apply(editor, records, options.arrival, rep)
     report = _evaluate(sess, records, rep) if options.evaluate else None
     source = edits_source or (str(edits) if isinstance(edits, (str, Path)) else "records")
-    manifest = after_run(sess, cfg, editor.state.to_dict(), records, placed, report, source, seconds)
+    tensors, state = editor.saved()
+    manifest = after_run(sess, cfg, state, records, placed, report, source, seconds)
     if out is not None:
-        write_checkpoint(out, base_dir=sess.base_dir, tensors=dict(sess.mem.wise_state()), manifest=manifest,
+        write_checkpoint(out, base_dir=sess.base_dir, tensors=tensors, manifest=manifest,
                          patch_only=options.patch_only, force=options.force, progress=rep.status)
     return EditRun(sess, cfg, records, placed, report, manifest, out, seconds, time.perf_counter() - t0)
 
@@ -123,14 +126,14 @@ def _open(model: str | None, options: EditOptions, rep: Reporter) -> Session:
     sess = open_model(model, device=options.device, dtype=options.dtype, layer=options.layer,
                       module_path=options.module_path, device_map=options.device_map,
                       progress=rep.status, config_file=options.config_file, base=options.base,
-                      allow_pickle=options.allow_pickle)
+                      allow_pickle=options.allow_pickle, method=options.method)
     rep.status(f"loaded {sess.origin} ({sess.target.model_type}, {sess.device}, "
                f"{str(sess.dtype).replace('torch.', '')}) in {sess.load_seconds:.1f}s; "
                f"side memory at {sess.target.module_path}")
     return sess
 
 
-def _apply(editor: WiseEditor, records: list[EditRecord], arrival: int | None,
+def _apply(editor: Editor, records: list[EditRecord], arrival: int | None,
            rep: Reporter) -> tuple[list[dict], float]:
     """Train the edits; with ``arrival``, in batches applied one on top of the other (the
     lifelong protocol: each batch shards and merges on its own)."""
@@ -150,3 +153,47 @@ def _evaluate(sess: Session, records: list[EditRecord], rep: Reporter) -> EvalRe
     with rep.phase("evaluating", n) as tick:
         return evaluate(sess.model, sess.tokenizer, sess.mem, records,
                         progress=lambda done, total: tick(done * n // max(total, 1), ""))
+
+
+def describe(sess: Session) -> dict:
+    """The tool, the base model and the edited module."""
+    t = sess.target
+    prior = (sess.manifest or {}).get("base", {})
+    base = {"origin": prior.get("origin", sess.origin), "model_type": t.model_type}
+    if prior.get("alias", sess.alias):
+        base["alias"] = prior.get("alias", sess.alias)
+    return {
+        "tool": {"name": "wise", "version": __version__, "torch": torch.__version__},
+        "base": base,
+        "target": {"module_path": t.module_path, "layer": t.layer, "n_layers": t.n_layers,
+                   "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features},
+    }
+
+
+def after_run(sess: Session, cfg: Any, editor_state: dict, records: Sequence[EditRecord],
+              placed: list[dict], report: EvalReport | None, edits_source: str, seconds: float) -> dict:
+    """The manifest after an edit run: the earlier runs' edits plus these.  ``base.path``,
+    ``base.files`` and ``tensors`` are added by ``checkpoint.write_checkpoint``."""
+    prior = sess.manifest or {}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run = len(prior.get("runs", []))
+    by_id = {p["id"]: p for p in placed}
+    applied = list(prior.get("edits", [])) + [
+        {"id": r.id, "prompt": r.prompt, "target_new": r.target_new, "run": run,
+         "shard": by_id[r.id]["shard"], "memory": by_id[r.id].get("memory"),
+         "subject": by_id[r.id].get("subject"), "time": now}
+        for r in records]
+    return {
+        **describe(sess),
+        "method": sess.method,
+        "mode": cfg.mode,
+        "config": cfg.to_dict(),
+        "router": methods.get(sess.method).summary(sess.mem),
+        "editor": editor_state,
+        "edits": applied,
+        "runs": list(prior.get("runs", [])) + [{
+            "time": now, "edits_file": edits_source, "n_edits": len(records),
+            "seconds": round(seconds, 2), "device": str(sess.device),
+            "dtype": str(sess.dtype).replace("torch.", ""), "config": cfg.to_dict()}],
+        "metrics": report.to_dict() if report else prior.get("metrics"),
+    }

@@ -6,9 +6,10 @@ an ``auto_map`` into ``modeling_wise.py``, written beside the weights.  So
 routed exactly as ``wise`` routes it, and a plain ``from_pretrained(dir)`` stops with
 transformers' own error instead of silently giving the unedited base.
 
-``modeling_wise.py`` is this module bundled with the side-memory runtime it uses
-(``wise/maths.py``, ``subjects.py``, ``router.py``, ``memory.py``; see ``bundle.py``), so it
-needs only torch, transformers and safetensors: the same code, not a second implementation.
+``modeling_wise.py`` is this module bundled with the rest of ``wisecli/runtime/`` (the
+maths, subject matching, the router, generation state, the cache refresh, the memory layer;
+see ``app/bundle.py``), so it needs only torch, transformers and safetensors: the same
+code, not a second implementation.
 Everything here depends on nothing else, because it runs without ``wisecli`` installed.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .router import RouterConfig
 PATCHED_MODEL_TYPE = "wise_patched"
 PATCHED_ARCHITECTURE = "WisePatchedForCausalLM"
 MODELING_FILE = "modeling_wise.py"
-READS_FORMAT = 2  # the manifest format this code reads (written with it, so always the same)
+READS_FORMAT = 3  # the manifest format this code reads (written with it, so always the same)
 # What a caller of from_pretrained may set that concerns the base model's loading.
 _PASSED_ON = ("dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "attn_implementation")
 
@@ -75,6 +76,9 @@ def load_patched(path: str, **load_kwargs: Any) -> PreTrainedModel:
     if manifest.get("format_version") != READS_FORMAT:
         raise ValueError(f"{path}: wise.json has format_version {manifest.get('format_version')!r}; this "
                          f"{MODELING_FILE} reads {READS_FORMAT}: open it with the wise that wrote it")
+    if manifest.get("method") != "wise":
+        raise ValueError(f"{path}: wise.json names the method {manifest.get('method')!r}; this "
+                         f"{MODELING_FILE} attaches 'wise' side memories")
     base, config = manifest["base"], base_config_of(path)
     weights = path if base["embedded"] else os.path.join(path, base["path"])
     model = AutoModelForCausalLM.from_pretrained(weights, config=config, **load_kwargs)

@@ -5,6 +5,7 @@ carry across machines; seconds are given beside them.
 """
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import time
@@ -40,18 +41,6 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _snapshot(editor: WiseEditor) -> tuple[dict, list, list, dict]:
-    mem = editor.mem
-    return ({k: v.clone() for k, v in mem.wise_state().items()}, list(mem.edit_subjects), list(mem.edit_targets),
-            editor.state.to_dict())
-
-
-def _restore(editor: WiseEditor, snap: tuple[dict, list, list, dict]) -> None:
-    editor.mem.load_wise_state(snap[0], snap[1], snap[2])
-    editor.state = EditorState.from_dict({k: (list(v) if isinstance(v, list) else v)
-                                          for k, v in snap[3].items()})
-
-
 def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: str,
                     compare_reference: bool, progress: Callable[[str], None],
                     config: str | None = None) -> dict[str, Any]:
@@ -59,16 +48,17 @@ def measure_editing(sess: Session, edits: list[EditRecord], batch: int, mode: st
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     setup = _timed(editor.prepare, sess.device)
     out: dict[str, Any] = {"setup_seconds": round(setup, 3)}
-    fresh = _snapshot(editor)
     first = edits[:batch]
     if compare_reference:
         progress(f"reference loop (full forward and backward each step) on {len(first)} edits")
-        editor.forward_factory = lambda b: reference_forward(sess.model, sess.mem, b)
-        ref = _timed(lambda: editor.apply(first), sess.device)
-        editor.forward_factory = None
-        _restore(editor, fresh)
+        fresh = editor.snapshot()
+        reference = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg,
+                               EditorState.from_dict(copy.deepcopy(fresh[3])),
+                               forward_factory=lambda b: reference_forward(sess.model, sess.mem, b))
+        ref = _timed(lambda: reference.apply(first), sess.device)
+        editor.rollback(fresh)
         fast_first = _timed(lambda: editor.apply(first), sess.device)
-        _restore(editor, fresh)
+        editor.rollback(fresh)
         out["reference_seconds_per_edit"] = round(ref / len(first), 4)
         out["fast_seconds_per_edit_same_edits"] = round(fast_first / len(first), 4)
         out["speedup_vs_reference"] = round(ref / fast_first, 2)

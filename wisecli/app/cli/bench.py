@@ -15,7 +15,8 @@ from wisecli.errors import WiseError
 from wisecli.methods.locate import get_module, locate_ffn_out
 from wisecli.app.models import pick_device, pick_dtype, resolve_base
 from wisecli.app.report import summary_table
-from wisecli.app.session import Session, attach, open_model
+from wisecli.app.session import Session, open_model
+from wisecli.methods.wise.method import attach
 from wisecli.app.cli import console
 from wisecli.app.cli.options import AllowPickle, Base, Device, DType, Json, Mode
 

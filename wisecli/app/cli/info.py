@@ -38,9 +38,9 @@ def info(
     console.out.print(summary_table(f"wise info {model}", {
         "base": m["base"].get("origin"), "base dir": str(ckpt.base_dir),
         "base embedded": m["base"].get("embedded"), "model type": m["base"].get("model_type"),
-        "module": t["module_path"], "layer": f"{t['layer']} of {t['n_layers']}", "mode": m["mode"],
-        "edits applied": len(m["edits"]), "runs": len(m.get("runs", [])),
-        "side memories": r["n_memories"], "thresholds": [round(x, 4) for x in r["thresholds"]],
+        "method": m["method"], "module": t["module_path"], "layer": f"{t['layer']} of {t['n_layers']}",
+        "mode": m["mode"], "edits applied": len(m["edits"]), "runs": len(m.get("runs", [])),
+        **{k.replace("_", " "): ([round(x, 4) for x in v] if isinstance(v, list) else v) for k, v in r.items()},
         "tool version": m["tool"]["version"], "format version": m["format_version"],
         **{f"metric {k}": (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
     }))

@@ -7,6 +7,7 @@ the ``SideMemoryLayer`` buffers (tensors) or in ``EditorState`` (JSON).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,17 +62,33 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 class WiseEditor:
     def __init__(self, model: nn.Module, tokenizer, mem: SideMemoryLayer, blocks: nn.ModuleList,
-                 layer: int, cfg: WiseConfig, state: EditorState | None = None) -> None:
+                 layer: int, cfg: WiseConfig, state: EditorState | None = None,
+                 forward_factory: Callable[[Batch], RowsForward] | None = None) -> None:
         self.model, self.tok, self.mem, self.blocks, self.layer = model, tokenizer, mem, blocks, layer
         self.cfg = cfg
         self.state = state or EditorState()
         self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
         mem.configure(RouterConfig.from_config(cfg))
-        # The benchmark swaps in its full-forward reference here; editing never does.
-        self.forward_factory: Callable[[Batch], RowsForward] | None = None
+        # The benchmark's full-forward reference loop (``bench.reference``); editing never has one.
+        self.forward_factory = forward_factory
         self._known: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._reference: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], list, list, dict[str, Any]]:
+        """Everything ``apply`` changes, copied: the layer's buffers and edit texts, the JSON state."""
+        mem = self.mem
+        return ({k: v.clone() for k, v in mem.wise_state().items()}, list(mem.edit_subjects),
+                list(mem.edit_targets), copy.deepcopy(self.state.to_dict()))
+
+    def rollback(self, snap: tuple[dict[str, torch.Tensor], list, list, dict[str, Any]]) -> None:
+        """Back to a ``snapshot``: the same edits can be applied again (the benchmark times them twice)."""
+        self.mem.load_wise_state(snap[0], snap[1], snap[2])
+        self.state = EditorState.from_dict(copy.deepcopy(snap[3]))
+
+    def saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The layer's buffers and the JSON half (``EditorState``): what a later run restores."""
+        return dict(self.mem.wise_state()), self.state.to_dict()
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
