@@ -70,6 +70,12 @@ def _bad_value_config(tmp_path: Path) -> Path:
     return p
 
 
+def _null_key_config(tmp_path: Path) -> Path:
+    p = tmp_path / "null-key.yaml"
+    p.write_text("null: x\nfoo: y\n")  # YAML reads the first key as None
+    return p
+
+
 BAD_ARGS = {
     # name: (MODEL, extra args, pieces of the error line)
     "missing-model": (lambda t, m: t / "no-such-model", [], ["no-such-model", "no such file or directory"]),
@@ -78,6 +84,9 @@ BAD_ARGS = {
                            ["typo.yaml:2", "unknown key 'max_stepz'"]),
     "bad-config-value": (lambda t, m: m, lambda t: ["--config", _bad_value_config(t)],
                          ["bad-value.yaml:2", "learned_nll", "must be > 0"]),
+    "null-config-key": (lambda t, m: m, lambda t: ["--config", _null_key_config(t)],
+                        ["null-key.yaml", "key None", "keys must be knob names"]),
+    "unknown-method": (lambda t, m: m, ["--method", "rome"], ["unknown editing method 'rome'"]),
     "layer-out-of-range": (lambda t, m: m, ["--layer", "99"], ["--layer 99", "out of range", "0..3"]),
     "config-layer-out-of-range": (lambda t, m: m, lambda t: ["--config", _layer_config(t)],
                                   ["layer99.yaml", "field 'layer'", "out of range", "0..3"]),

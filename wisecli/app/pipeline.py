@@ -101,8 +101,9 @@ def edit(model: str | Session | None, edits: str | Path | Sequence[EditRecord], 
     t0 = time.perf_counter()
     records = list(edits) if not isinstance(edits, (str, Path)) else load_edits(Path(edits))
     negatives = load_prompts(Path(options.negatives)) if options.negatives else None
-    if options.config_file:  # its errors before minutes of model loading, not after
-        methods.get(options.method).load_config(options.config_file, None, {"seed": options.seed})
+    method = methods.get(options.method)  # a bad method or config before minutes of model loading
+    if options.config_file:
+        method.load_config(options.config_file, None, {"seed": options.seed})
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not options.force:
         raise OutputExistsError(f"{out} already exists", hint="pass --force to replace it")

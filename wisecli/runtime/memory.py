@@ -288,7 +288,7 @@ class Installed:
                 self.refresher.refresh(kwargs, *pending)
 
         def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
-            layer.end_call(getattr(output, "past_key_values", None))
+            layer.end_call(_returned_cache(output))
 
         self.handles = (model.register_forward_pre_hook(before, with_kwargs=True),
                         model.register_forward_hook(after, with_kwargs=True))
@@ -297,6 +297,15 @@ class Installed:
         for handle in self.handles:
             handle.remove()
         self.refresher.close()
+
+
+def _returned_cache(output: Any) -> Any:
+    # transformers 5.x names the returned cache ``cache`` (its ``past_key_values`` attribute
+    # warns); earlier releases ``past_key_values``.
+    get = getattr(output, "get", None)
+    if get is None:
+        return None
+    return next((c for c in (get("cache"), get("past_key_values")) if c is not None), None)
 
 
 def install(model: nn.Module, layer: SideMemoryLayer) -> None:

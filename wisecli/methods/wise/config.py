@@ -225,8 +225,9 @@ def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int]
         return f"{where}:{lines[key]}" if key in lines else where
     data = _without_removed(data, at)
     known = {f.name: f for f in fields(WiseConfig)}
-    odd = next((k for k in data if not isinstance(k, str)), None)
-    if odd is not None:
+    odd = [k for k in data if not isinstance(k, str)]  # a list: a YAML ``null`` key is None itself
+    if odd:
+        odd = odd[0]
         raise ConfigError(f"{where}: key {_short(odd)}: keys must be knob names, got {type(odd).__name__}")
     unknown = sorted(set(data) - set(known))
     if unknown:
