@@ -122,3 +122,21 @@ assert not any(m == "wisecli" or m.startswith("wisecli.") for m in sys.modules)
     assert res.returncode == 0, res.stderr[-3000:]
     sess = open_model(str(patched["embedded"]), device="cpu")
     assert torch.equal(torch.load(tmp_path / "logits.pt"), _batch_logits(sess.model, sess.tokenizer, PROMPTS))
+
+
+@pytest.mark.parametrize("name", ["merge", "retrieve"])
+def test_a_format_2_checkpoint_still_loads_with_the_code_it_was_written_with(name, tmp_path, monkeypatch):
+    """0.4.1 wrote its own ``modeling_wise.py`` beside its weights: today's transformers runs
+    it and gets what 0.4.1 gave (a checkpoint keeps the code of the release that wrote it)."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    ckpt = Path(__file__).parent / "data" / "compat-v2" / name
+    expected = json.loads((ckpt.parent / f"expected-{name}.json").read_text())
+    assert json.loads((ckpt / "wise.json").read_text())["format_version"] == 2
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    prompts = expected["prompts"]
+    enc = tok(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    with torch.no_grad():
+        seqs = model.generate(**enc, do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                              pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) == expected["generations"]

@@ -27,7 +27,7 @@ from wisecli.app import usage
 from wisecli.app.edits import EditRecord
 from wisecli.app.usage import Use
 from wisecli.runtime.maths import target_accuracy, target_nll
-from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.methods.base import EditedLayer
 from wisecli.runtime.router import NO_MEMORY
 from wisecli.methods.wise.train import forward_logits
 
@@ -121,7 +121,7 @@ def _perplexities(logits: torch.Tensor, labels: torch.Tensor) -> list[float | No
 # ---- the three kinds of measurement ----------------------------------------------------
 
 @torch.no_grad()
-def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[str, str]],
+def _teacher_forced(model, tok, mem: EditedLayer | None, pairs: list[tuple[str, str]],
                     batch_size: int, tick: Tick) -> list[tuple[float | None, int | None, float | None]]:
     """(token accuracy, route, perplexity) per (query, answer), routing on the query only.
 
@@ -146,7 +146,7 @@ def _teacher_forced(model, tok, mem: SideMemoryLayer | None, pairs: list[tuple[s
 
 
 @torch.no_grad()
-def _agreement(model, tok, mem: SideMemoryLayer, pairs: list[tuple[str, str]],
+def _agreement(model, tok, mem: EditedLayer, pairs: list[tuple[str, str]],
                batch_size: int, tick: Tick) -> list[float | None]:
     """Share of answer tokens whose argmax on the patched model equals the unedited model's.
 
@@ -175,29 +175,25 @@ def _generate(model, tok, prompts: list[str], limits: list[int], batch_size: int
     A batch generates up to its longest limit and each row is cut afterwards: greedy decoding
     is per row, so the text is what ``batch_size=1`` would give.
     """
-    side = tok.padding_side
-    tok.padding_side = "left"  # the prompt must end where generation starts
     texts: list[str] = []
-    try:
-        for start in range(0, len(prompts), max(1, batch_size)):
-            chunk = [p.rstrip() for p in prompts[start:start + max(1, batch_size)]]
-            lim = limits[start:start + len(chunk)]
-            enc = tok(chunk, return_tensors="pt", padding=True,
-                      return_token_type_ids=False).to(_device(model))
-            seqs = model.generate(**enc, do_sample=False, max_new_tokens=max(lim),
-                                  pad_token_id=tok.pad_token_id)
-            new = seqs[:, enc["input_ids"].shape[1]:]
-            texts += [tok.decode(row[:n], skip_special_tokens=True).strip()
-                      for row, n in zip(new, lim)]
-            tick(len(chunk))
-    finally:
-        tok.padding_side = side
+    for start in range(0, len(prompts), max(1, batch_size)):
+        chunk = [p.rstrip() for p in prompts[start:start + max(1, batch_size)]]
+        lim = limits[start:start + len(chunk)]
+        # left padding: each prompt must end where generation starts
+        enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left",
+                  return_token_type_ids=False).to(_device(model))
+        seqs = model.generate(**enc, do_sample=False, max_new_tokens=max(lim),
+                              pad_token_id=tok.pad_token_id)
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        texts += [tok.decode(row[:n], skip_special_tokens=True).strip()
+                  for row, n in zip(new, lim)]
+        tick(len(chunk))
     return texts
 
 
 # ---- the report ------------------------------------------------------------------
 
-def _locality(model, tok, mem: SideMemoryLayer | None, items: list[tuple[str, str | None]],
+def _locality(model, tok, mem: EditedLayer | None, items: list[tuple[str, str | None]],
               batch_size: int, tick: Tick) -> list[float | None]:
     """Locality per (prompt, answer-or-None); an unedited model is local by definition."""
     if mem is None:
@@ -221,7 +217,7 @@ def _locality(model, tok, mem: SideMemoryLayer | None, items: list[tuple[str, st
     return out
 
 
-def evaluate(model, tokenizer, mem: SideMemoryLayer | None, edits: list[EditRecord], *,
+def evaluate(model, tokenizer, mem: EditedLayer | None, edits: list[EditRecord], *,
              extra_locality: list[tuple[str, str | None]] | None = None,
              batch_size: int = 16, generate: bool = True, max_new_tokens: int | None = None,
              use: bool = True, progress: Callable[[int, int], None] | None = None) -> EvalReport:

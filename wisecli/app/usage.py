@@ -120,18 +120,15 @@ def has_chat(tokenizer) -> bool:
 @torch.no_grad()
 def chat_replies(model, tok, questions: list[str], batch_size: int, tokens: int = CHAT_TOKENS) -> list[str]:
     """Greedy replies to ``questions`` asked through the chat template, one turn each."""
-    side, tok.padding_side, out = tok.padding_side, "left", []
+    out: list[str] = []
     device = next(model.parameters()).device
-    try:
-        for start in range(0, len(questions), batch_size):
-            texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False) for q in questions[start:start + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                      return_token_type_ids=False).to(device)
-            ids = model.generate(**enc, do_sample=False, max_new_tokens=tokens, pad_token_id=tok.pad_token_id)
-            out += [t.strip() for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
+    for start in range(0, len(questions), batch_size):
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         tokenize=False) for q in questions[start:start + batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+                  return_token_type_ids=False).to(device)
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=tokens, pad_token_id=tok.pad_token_id)
+        out += [t.strip() for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
     return out
 
 

@@ -10,7 +10,7 @@ own and one entry in ``methods.REGISTRY``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,30 @@ import torch.nn as nn
 from wisecli.records import EditRecord
 
 Progress = Callable[[dict[str, Any]], None]  # {"done", "shard", "step", "loss"} as editing goes
+
+
+class EditedLayer(Protocol):
+    """What the application reads of a method's runtime layer while it evaluates, generates
+    and serves.  A method that writes plain weights and routes nothing still answers these:
+    ``main_only`` gives the unedited model, the routes are None."""
+
+    @property
+    def n_memories(self) -> int:
+        """How many separately routed stores of edits the layer holds (0: nothing edited)."""
+
+    @property
+    def last_route(self) -> torch.Tensor | None:
+        """(B,) which store answered each row of the last call (-1: none; None: not routed)."""
+
+    @property
+    def answered_route(self) -> torch.Tensor | None:
+        """(B,) which store answered each row of the last generation."""
+
+    def main_only(self) -> ContextManager[None]:
+        """The unedited model, exactly, inside the context."""
+
+    def routing_on(self, token_mask: torch.Tensor) -> ContextManager[None]:
+        """Decide on these tokens only (the prompt, not a teacher-forced answer)."""
 
 
 class Editor(Protocol):
@@ -49,7 +73,7 @@ class Method:
     resolve_config: Callable[[nn.Module, nn.Module, dict | None, int, str | None, dict[str, Any]], Any]
     # where it edits: (model, layer or None, module path or None, config file) -> target
     locate: Callable[[nn.Module, int | None, str | None, str | None], Any]
-    # the runtime layer put at the target (what modeling_wise.py attaches too)
+    # the runtime layer put at the target (``EditedLayer``; what modeling_wise.py attaches too)
     attach: Callable[[nn.Module, dict, Any], nn.Module]
     # a checkpoint's saved state, checked, then restored into the attached layer
     check_state: Callable[[dict, dict[str, torch.Tensor], str], None]

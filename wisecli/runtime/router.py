@@ -62,7 +62,8 @@ class RouteContext:
     """What one model call tells the router beyond the layer's input, prepared once per call.
 
     token_mask (B, T): the tokens a score reads (the prompt; never padding, nor a
-    teacher-forced answer); decoding: a generation step after the prompt; named (K, B) /
+    teacher-forced answer); decoding: a decode step of ``generation`` (whose prompt was
+    routed; False for a prompt, which starts ``generation``); named (K, B) /
     keyed (K,): the subject gate's answer for this call's prompts (``subjects.subject_open``),
     None when the gate has nothing to say.
     """
