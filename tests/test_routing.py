@@ -310,7 +310,7 @@ def _greedy_steps(sess, prompts: list[str], n: int):
         yield nxt[:, 0].tolist()
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         with torch.no_grad():
-            out = sess.model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values,
+            out = sess.model(input_ids=nxt, attention_mask=mask, cache=out.cache,
                              use_cache=True)
 
 
