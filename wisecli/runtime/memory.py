@@ -302,10 +302,11 @@ class Installed:
 def _returned_cache(output: Any) -> Any:
     # transformers 5.x names the returned cache ``cache`` (its ``past_key_values`` attribute
     # warns); earlier releases ``past_key_values``.
-    get = getattr(output, "get", None)
-    if get is None:
+    keys = getattr(output, "keys", None)
+    if keys is None:
         return None
-    return next((c for c in (get("cache"), get("past_key_values")) if c is not None), None)
+    name = next((k for k in ("cache", "past_key_values") if k in keys()), None)
+    return None if name is None else output[name]
 
 
 def install(model: nn.Module, layer: SideMemoryLayer) -> None:
