@@ -111,7 +111,6 @@ def summary(mem: SideMemoryLayer) -> dict[str, Any]:
             "min_edit_scores": mem.min_edit_scores.tolist(), "n_memories": mem.n_memories}
 
 
-WISE = Method(name="wise", load_config=lambda path, model_type, overrides: load_config(path, model_type, overrides),
-              config_from_dict=from_dict,
+WISE = Method(name="wise", load_config=load_config, config_from_dict=from_dict,
               resolve_config=resolve_config, locate=locate, attach=attach, check_state=check_state,
               restore=restore, editor=editor, summary=summary)
