@@ -173,6 +173,73 @@ class Generation:
         return None if self._hidden is None else self._hidden[:, :self._hidden_len]
 
 
+# ---- a batch that changes while it runs (a server's continuous batching) ------------------
+
+ROW_FIELDS = ("held", "answered", "track", "pos")  # (B, ...) tensors
+MEMORY_FIELDS = ("sentence", "shut")               # (K, B) tensors
+TEXT_FIELDS = ("ids", "recent")                    # (B, n) tensors, padded on the left
+# ``cached``, ``refresh`` and ``going`` are set and used within one call: between calls they
+# are stale, and the next call sets them afresh.
+
+
+def select_rows(gen: Generation, rows: torch.Tensor) -> None:
+    """Keep only ``rows`` of the generation (its finished rows leave the batch)."""
+    for name in ROW_FIELDS + TEXT_FIELDS:
+        value = getattr(gen, name)
+        if value is not None:
+            setattr(gen, name, value[rows.to(value.device)])
+    for name in MEMORY_FIELDS:
+        value = getattr(gen, name)
+        if value is not None:
+            setattr(gen, name, value[:, rows.to(value.device)])
+    if gen.named is not None:
+        gen.named = (gen.named[0][:, rows.to(gen.named[0].device)], gen.named[1])
+    gen.going = gen.refresh = gen.cached = None
+    hidden = gen.hidden
+    gen.drop_hidden()
+    if hidden is not None:
+        gen.record_hidden(hidden[rows.to(hidden.device)], 0)
+
+
+def join_rows(gen: Generation, other: Generation, width: int) -> bool:
+    """Append ``other``'s rows to ``gen``'s, both between two calls; the text each holds is
+    padded on the left to ``width`` tokens (the joined cache's length).  False, changing
+    nothing, where the two do not keep the same state (they cannot share a batch)."""
+    names = ROW_FIELDS + TEXT_FIELDS + MEMORY_FIELDS
+    if gen.follows != other.follows or any((getattr(gen, n) is None) != (getattr(other, n) is None) for n in names) \
+            or (gen.named is None) != (other.named is None):
+        return False
+    for name in ROW_FIELDS:
+        a, b = getattr(gen, name), getattr(other, name)
+        if a is not None:
+            setattr(gen, name, torch.cat([a, b.to(a.device)]))
+    for name in MEMORY_FIELDS:
+        a, b = getattr(gen, name), getattr(other, name)
+        if a is not None:
+            setattr(gen, name, torch.cat([a, b.to(a.device)], dim=1))
+    for name, fill in (("ids", 0), ("recent", -1)):
+        a, b = getattr(gen, name), getattr(other, name)
+        if a is not None:
+            n = width if name != "recent" else max(a.shape[1], b.shape[1])
+            setattr(gen, name, torch.cat([_left(a, n, fill), _left(b.to(a.device), n, fill)]))
+    if gen.named is not None:
+        gen.named = (torch.cat([gen.named[0], other.named[0].to(gen.named[0].device)], dim=1), gen.named[1])
+    gen.going = gen.refresh = gen.cached = None
+    a, b = gen.hidden, other.hidden
+    gen.drop_hidden()
+    if a is not None and b is not None:
+        gen.record_hidden(torch.cat([_left(a, width, 0), _left(b.to(a.device), width, 0)]), 0)
+    return True
+
+
+def _left(t: torch.Tensor, n: int, fill: float) -> torch.Tensor:
+    """``t`` (B, m, ...) padded on the left of its second dimension to ``n``."""
+    if t.shape[1] >= n:
+        return t
+    pad = t.new_full((t.shape[0], n - t.shape[1], *t.shape[2:]), fill)
+    return torch.cat([pad, t], dim=1)
+
+
 class Generations:
     """The generations in flight, each found by the cache object that carries it.
 

@@ -179,6 +179,11 @@ class SideMemoryLayer(nn.Module):
         if self._ctx.generation is not None and cache is not None:
             self._generations.bind(cache, self._ctx.generation)
 
+    def generation_of(self, cache: Any) -> Generation | None:
+        """The generation a cache carries (None: not one this layer routes), for a caller
+        that drives its own decoding loop and joins or drops rows between calls."""
+        return self._generations.find(cache)
+
     def take_refresh(self) -> tuple[torch.Tensor, torch.Tensor, Generation] | None:
         """This call's rows whose answer was just written, the text their cache holds, and
         their generation (``Generation.take_refresh``)."""

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from wisecli.app.api import load
-from wisecli.errors import WiseError
 from wisecli.app.cli import console
 from wisecli.app.cli.options import AllowPickle, Base, Device, DType, ModelArg
+from wisecli.app.session import open_model
+from wisecli.errors import WiseError
 
 
 def serve(
@@ -21,12 +21,17 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="The model id clients ask for (default: MODEL's last path part).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 512,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most prompts generated together in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most prompts waiting for a batch; past it a request gets "
+                                                        "503 with Retry-After.")] = 64,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may wait and run before it gets 504.")] = 600,
     base: Base = None,
     allow_pickle: AllowPickle = False,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
-    """Serve MODEL over OpenAI's HTTP API: /v1/models, /v1/completions, /v1/chat/completions.
+    """Serve MODEL over OpenAI's HTTP API: /v1/models, /v1/completions, /v1/chat/completions,
+    with /health and Prometheus /metrics.  Requests that arrive together are generated together.
 
     Example:
 
@@ -34,12 +39,14 @@ def serve(
     """
     import uvicorn
 
-    from wisecli.app.serve import Engine, Worker, create_app
-    loaded, tokenizer = load(model, device=device, dtype=dtype, base=base, allow_pickle=allow_pickle)
+    from wisecli.app.serve import Batcher, Engine, Stats, create_app
+    sess = open_model(str(model), device=device, dtype=dtype, base=str(base) if base is not None else None,
+                      allow_pickle=allow_pickle)
     served = name or Path(str(model)).name or str(model)
-    worker = Worker()
-    server = uvicorn.Server(uvicorn.Config(create_app(Engine(loaded, tokenizer, served, max_tokens, worker)),
-                                           host=host, port=port, log_level="warning"))
+    stats = Stats()
+    batcher = Batcher(sess.model, sess.tokenizer, sess.mem, stats, max_batch, max_queue)
+    app = create_app(Engine(batcher, served, max_tokens, timeout, stats))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a stop request ends the worker, then the server
@@ -51,7 +58,7 @@ def serve(
         raise WiseError(f"{host}:{port}: cannot listen there (the port is in use, or the address is not this machine's)")
     console.status(f"serving {served} at http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
     threading.Thread(target=_watch, args=(http, stop), daemon=True).start()
-    worker.run(stop)  # the model runs on the main thread (see wisecli/serve.py)
+    batcher.run(stop)  # the model runs on the main thread (see wisecli/app/serve/batcher.py)
     server.should_exit = True
     http.join(timeout=30)
 
