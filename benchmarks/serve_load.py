@@ -231,6 +231,7 @@ def load_figures(args: argparse.Namespace, url: str) -> dict:
             "throughput_x": round(serial_s / loaded_s, 2), "single_median_seconds": round(single, 3),
             "p50_seconds": round(percentile(lat, 0.5), 3), "p95_seconds": round(percentile(lat, 0.95), 3),
             "p95_over_single": round(percentile(lat, 0.95) / single, 2),
+            "p95_over_alone_p95": round(percentile(lat, 0.95) / percentile([a.seconds for a in alone], 0.95), 2),
             "ttft_p50_seconds": round(percentile(ttft, 0.5), 3) if ttft else None,
             **compare(asks, alone, loaded), "_asks": asks, "_loaded": loaded}
 

@@ -141,6 +141,93 @@ def test_a_malformed_request_gets_a_json_error_and_the_server_goes_on(server, bo
     assert server["client"].models.list().data  # still serving
 
 
+def test_health_and_metrics_report_the_server(server):
+    client, base = server["client"], server["url"].removesuffix("/v1")
+    health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=30).read())
+    assert health == {"status": "ok", "queued_rows": 0, "running_rows": 0}
+    client.completions.create(model="tiny", prompt=EDITS[0]["prompt"], max_tokens=3, temperature=0)
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['wise_requests_total{endpoint="completions",outcome="ok"}'] >= 1
+    assert samples['wise_requests_total{endpoint="completions",outcome="invalid"}'] >= 1  # the malformed ones
+    assert samples["wise_generation_tokens_total"] >= 3 and samples["wise_queue_rows"] == 0
+    assert any(k.startswith('wise_memory_answers_total{memory="side[') for k in samples)
+    assert samples["wise_request_duration_seconds_count"] >= 1
+    assert "# TYPE wise_time_to_first_token_seconds histogram" in text
+
+
+def test_streamed_and_plain_requests_batched_together_each_get_their_own_answer(server):
+    client = server["client"]
+    asks = [(EDITS[0]["prompt"], True, 3), (OTHER, False, 5), (EDITS[2]["prompt"], True, 4), (OTHER, True, 2),
+            ("the capital of spain is", False, 6)]
+    want = [_direct(server["patched"], p, n) for p, _, n in asks]
+
+    def ask(a) -> str:
+        prompt, stream, n = a
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=stream)
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+    with ThreadPoolExecutor(max_workers=len(asks)) as pool:
+        assert list(pool.map(ask, asks)) == want
+
+
+@pytest.fixture(scope="module")
+def small_server(server):
+    """A second server on the same checkpoint with one row per batch and one place in the queue."""
+    port = _free_port()
+    proc = subprocess.Popen([WISE, "serve", str(server["patched"]), "--port", str(port), "--device", "cpu",
+                             "--name", "tiny", "--max-batch", "1", "--max-queue", "1"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read())
+            time.sleep(0.1)
+    yield url
+    proc.kill()
+
+
+def test_a_burst_past_the_queue_gets_clean_503s_and_the_rest_complete(small_server):
+    body = json.dumps({"model": "tiny", "prompt": OTHER, "max_tokens": 200, "temperature": 0}).encode()
+
+    def one(_: int) -> str:
+        req = urllib.request.Request(f"{small_server}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return f"ok {json.loads(r.read())['choices'][0]['finish_reason']}"
+        except urllib.error.HTTPError as e:
+            error = json.loads(e.read())["error"]
+            return f"{e.code} {bool(e.headers.get('Retry-After'))} {error['type']}"
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        got = list(pool.map(one, range(12)))
+    assert set(got) <= {"ok length", "ok stop", "503 True server_busy"}, got
+    assert "503 True server_busy" in got and any(g.startswith("ok") for g in got)
+    metrics = urllib.request.urlopen(f"{small_server}/metrics", timeout=30).read().decode()
+    assert f'wise_requests_total{{endpoint="completions",outcome="rejected"}} {got.count("503 True server_busy")}' in metrics
+
+
+def test_the_load_benchmark_runs_bounded(server):
+    """benchmarks/serve_load.py at a small size: every response complete and equal to its
+    single-request output, a burst answered or refused cleanly, dropped streams counted."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    res = subprocess.run([sys.executable, str(bench), str(server["patched"]), "--clients", "3", "--requests", "6",
+                          "--tokens", "5", "--max-queue", "4", "--burst", "--disconnect"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    figures = json.loads(res.stdout)
+    assert figures["complete"] == "6/6" and figures["unexplained"] == 0 and figures["chat"]
+    assert set(figures["burst"]) <= {"ok", "503+retry-after"} and figures["burst"].get("ok", 0) >= 1
+    assert figures["disconnect"]["then_answers"] and figures["disconnect"]["counted_disconnected"] == 3
+    assert figures["throughput_x"] > 0
+
+
 def test_sigterm_stops_the_server_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
