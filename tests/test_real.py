@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,7 +194,8 @@ def test_a_moved_patch_only_checkpoint_finds_its_base_by_alias(batches: dict[str
 
 def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> None:
     """wise serve on the patched smollm2, asked through the openai client: the completion
-    carries the edit, and the chat reply is what wise generates under the chat template."""
+    carries the edit; chat replies asked together (one batch) are each what wise generates
+    under the chat template alone; a request past the timeout gets 504."""
     import socket
     import time
     import urllib.request
@@ -206,7 +208,7 @@ def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> Non
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "WISE_CACHE"}
     proc = subprocess.Popen([WISE, "serve", str(batches["patched_b"]), "--port", str(port), "--device", "cpu",
-                             "--name", "smol"], env=env, stderr=subprocess.DEVNULL)
+                             "--name", "smol", "--timeout", "8"], env=env, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             try:
@@ -218,15 +220,24 @@ def test_serve_answers_with_the_edits_over_http(batches: dict[str, Path]) -> Non
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
         r = client.completions.create(model="smol", prompt="The capital of Australia is", max_tokens=4, temperature=0)
         assert r.choices[0].text.strip().startswith("Perth"), r.choices[0].text
-        question = [{"role": "user", "content": "What is the capital of Australia?"}]
-        reply = client.chat.completions.create(model="smol", messages=question, max_tokens=12, temperature=0)
+        questions = ["What is the capital of Australia?", "Who wrote the play Hamlet?", "What is the capital of Japan?"]
+        with ThreadPoolExecutor(max_workers=len(questions)) as pool:
+            replies = list(pool.map(lambda q: client.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0), questions))
         sess = open_model(str(batches["patched_b"]), device="cpu")
-        text = sess.tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-        enc = sess.tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = sess.model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=sess.tokenizer.pad_token_id)
-        want = sess.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert reply.choices[0].message.content == want
+        for q, reply in zip(questions, replies):
+            text = sess.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                      tokenize=False)
+            enc = sess.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = sess.model.generate(**enc, do_sample=False, max_new_tokens=12,
+                                          pad_token_id=sess.tokenizer.pad_token_id)
+            assert reply.choices[0].message.content == sess.tokenizer.decode(
+                out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert "Perth" in replies[0].choices[0].message.content
+        with pytest.raises(openai.APIStatusError) as late:  # 500 tokens take far longer than 8 s here
+            client.completions.create(model="smol", prompt="Once upon a time", max_tokens=500, temperature=0)
+        assert late.value.status_code == 504
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0

@@ -129,6 +129,9 @@ def test_concurrent_requests_each_get_their_own_routing(server):
     (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "tiny", "prompt": "x", "temperature": 7}).encode(), 400, "temperature"),
     (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"model": "tiny", "prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": ["the sea"] * 17}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "the sea", "max_tokens": 300}).encode(), 400, "max_tokens"),
 ])
 def test_a_malformed_request_gets_a_json_error_and_the_server_goes_on(server, body, status, param):
     request = urllib.request.Request(f"{server['url']}/completions", data=body,

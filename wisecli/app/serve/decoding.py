@@ -31,7 +31,9 @@ class Batch:
     def __init__(self, model: Any, layer: Any, rows: list[Row], cache: Any, mask: torch.Tensor) -> None:
         self.model, self.layer, self.rows, self.cache, self.mask = model, layer, rows, cache, mask
         self.next: torch.Tensor | None = None  # (B, 1)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        takes = inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the last position's only
+        self.cache_arg = "cache" if "cache" in takes else "past_key_values"
 
     @classmethod
     def prefill(cls, model: Any, layer: Any, rows: list[Row], pad_id: int) -> tuple["Batch", torch.Tensor]:
@@ -53,7 +55,7 @@ class Batch:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self.cache_arg: self.cache})
+                         **self.extra, **{self.cache_arg: self.cache})
         return out.logits[:, -1].float()
 
     def keep(self, rows: torch.Tensor) -> None:

@@ -38,8 +38,9 @@ class Engine:
                                             add_generation_prompt=True, tokenize=False)
 
     def job(self, endpoint: str, prompts: list[str], req: RequestBase, limit: int | None, templated: bool) -> "Job":
-        if len(prompts) > self.batcher.max_batch:
-            raise ApiError(400, f"at most {self.batcher.max_batch} prompts per request", param="prompt")
+        most = min(self.batcher.max_batch, self.batcher.max_queue)  # more could never be admitted
+        if len(prompts) > most:
+            raise ApiError(400, f"at most {most} prompts per request", param="prompt")
         sampling = Sampling(min(limit or DEFAULT_TOKENS, self.cap), req.temperature, req.top_p, req.seed, req.stops)
         ids = [self.tok(p, add_special_tokens=not templated)["input_ids"] for p in prompts]  # a template writes its BOS
         for one in ids:
