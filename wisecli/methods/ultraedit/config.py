@@ -1,0 +1,78 @@
+"""UltraEdit's hyper-parameters, and which linear layers it edits per architecture."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch.nn as nn
+
+from wisecli.errors import ConfigError, ModelError
+from wisecli.methods.locate import ARCHITECTURES, count_layers, get_module
+
+# model_type -> (module inside a block, first and last block as fractions of the depth).
+# UltraEdit's LLaMA-3 ZsRE choice (gate projections early-middle, up projections
+# middle-late), as fractions so that it scales with the number of blocks.
+EDITED: dict[str, tuple[tuple[str, float, float], ...]] = {
+    t: (("mlp.gate_proj", 0.33, 0.47), ("mlp.up_proj", 0.57, 0.77))
+    for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "smollm3")}
+
+
+@dataclass(frozen=True)
+class UltraEditConfig:
+    learning_rate: float = 1e-4      # scale of the wanted output shift (UltraEdit's ``lr``)
+    ridge: float = 1.0               # weight of ‖ΔW‖² in the least-squares solve
+    modules: tuple[str, ...] = ()    # dotted paths of the linear layers edited; () = the table above
+    batch_size: int = 16             # edits per forward/backward pass (memory only, not the result)
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "ridge"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"field '{name}': must be a number > 0, got {value!r}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"field 'batch_size': must be an integer >= 1, got {self.batch_size!r}")
+        if not all(isinstance(m, str) and m for m in self.modules):
+            raise ConfigError("field 'modules': must be a list of dotted module paths")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["modules"] = list(self.modules)
+        return data
+
+
+def from_dict(data: dict[str, Any], where: str = "config") -> UltraEditConfig:
+    known = {f.name for f in fields(UltraEditConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'", hint=f"UltraEdit's keys: {', '.join(sorted(known))}")
+    values = dict(data)
+    if "modules" in values:
+        if not isinstance(values["modules"], (list, tuple)):
+            raise ConfigError(f"{where}: field 'modules': must be a list of dotted module paths")
+        values["modules"] = tuple(values["modules"])
+    try:
+        return UltraEditConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def edited_modules(model: nn.Module, cfg: UltraEditConfig) -> list[str]:
+    """The dotted paths of the linear layers a run edits: the config's, else the table's."""
+    model_type = model.config.model_type
+    if cfg.modules:
+        paths = list(cfg.modules)
+    elif model_type in EDITED and model_type in ARCHITECTURES:
+        n, blocks = count_layers(model), ARCHITECTURES[model_type][0]
+        paths = [f"{blocks}.{i}.{inner}" for inner, lo, hi in EDITED[model_type]
+                 for i in range(round(lo * n), round(hi * n) + 1)]
+    else:
+        raise ConfigError(f"UltraEdit has no table of layers for model type '{model_type}'",
+                          hint="list the linear layers to edit under 'modules:' in a --config file")
+    for path in paths:
+        try:
+            module = get_module(model, path)
+        except ModelError as exc:
+            raise ConfigError(f"field 'modules': {exc}") from None
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"field 'modules': {path} is a {type(module).__name__}, not a linear layer")
+    return paths

@@ -1,0 +1,96 @@
+"""One UltraEdit run: each ``apply`` is a turn, read once and written in closed form."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wisecli.batching import encode_pairs
+from wisecli.methods.base import Progress
+from wisecli.methods.ultraedit.config import UltraEditConfig
+from wisecli.methods.ultraedit.maths import merge_moments, weight_shift
+from wisecli.methods.ultraedit.weights import EditedWeights, shape_key
+from wisecli.records import EditRecord
+
+
+class UltraEditor:
+    def __init__(self, model: nn.Module, tokenizer: Any, weights: EditedWeights, cfg: UltraEditConfig,
+                 state: dict | None) -> None:
+        self.model, self.tok, self.weights, self.cfg = model, tokenizer, weights, cfg
+        self.n_edits = int((state or {}).get("n_edits", 0))
+
+    def prepare(self, negatives: list[str] | None, source: str) -> None:
+        """Nothing to measure beforehand: UltraEdit needs no statistics of unrelated text."""
+
+    def apply(self, records: Sequence[EditRecord], progress: Progress | None = None) -> list[dict]:
+        """One turn: every edited layer's keys and output gradients at the answer positions,
+        the running statistics advanced by them, then each layer's shift written in place."""
+        keys: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
+        grads: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
+        for start in range(0, len(records), self.cfg.batch_size):
+            chunk = records[start:start + self.cfg.batch_size]
+            self._read(chunk, keys, grads)
+            if progress is not None:
+                progress({"done": start + len(chunk), "shard": int(self.weights.n_turns), "step": 0, "loss": None})
+        self._write({p: torch.cat(keys[p]) for p in keys}, {p: torch.cat(grads[p]) for p in grads})
+        turn = int(self.weights.n_turns)
+        self.weights.n_turns += 1
+        self.n_edits += len(records)
+        return [{"id": r.id, "shard": turn, "steps": 0, "memory": None, "subject": r.subject} for r in records]
+
+    def _read(self, chunk: Sequence[EditRecord], keys: dict, grads: dict) -> None:
+        device = next(self.model.parameters()).device
+        batch = encode_pairs(self.tok, [r.prompt for r in chunk], [r.target_new for r in chunk]).to(device)
+        # the positions whose output is read for an answer token: one before each
+        at = torch.zeros_like(batch.labels, dtype=torch.bool)
+        at[:, :-1] = batch.labels[:, 1:] != -100
+        with self._recording(at, keys, grads), torch.enable_grad():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum")
+            loss.backward()
+
+    @contextmanager
+    def _recording(self, at: torch.Tensor, keys: dict, grads: dict) -> Iterator[None]:
+        """Forward hooks keep each edited layer's inputs at ``at``; a hook on its output keeps
+        the loss gradient there (nothing else is differentiated: the weights stay frozen)."""
+        handles = []
+        for path in self.weights.paths:
+            def hook(_m: nn.Module, args: tuple, out: torch.Tensor, path: str = path) -> torch.Tensor:
+                keys[path].append(args[0][at].detach().float())
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_(True)
+                out.register_hook(lambda g, path=path: grads[path].append(g[at].detach().float()))
+                return out
+            handles.append(self.weights.linear(path).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def _write(self, keys: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+        by_shape: dict[str, list[str]] = {}
+        for path in self.weights.paths:
+            by_shape.setdefault(shape_key(self.weights.linear(path)), []).append(path)
+        for key, paths in by_shape.items():  # layers of one shape share their statistics
+            mean, var, count = self.weights.moments(key)
+            feats = torch.cat([torch.cat([keys[p], grads[p]], dim=-1) for p in paths]).to(mean.device)
+            self.weights.set_moments(key, *merge_moments(mean, var, count, feats))
+        for path in self.weights.paths:
+            mean, var, _ = self.weights.moments(shape_key(self.weights.linear(path)))
+            delta = weight_shift(keys[path].to(mean.device), grads[path].to(mean.device), mean, var,
+                                 self.cfg.learning_rate, self.cfg.ridge)
+            self.weights.add_shift(path, delta)
+
+    def saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Each edited layer's shift and the running statistics; the JSON state counts edits."""
+        tensors = {f"shift.{p}": self.weights.shift(p) for p in self.weights.paths}
+        tensors.update({k: v.detach().clone() for k, v in self.weights.state_dict().items()
+                        if not k.startswith("original_")})
+        return tensors, {"n_edits": self.n_edits}
