@@ -21,6 +21,7 @@ EDITED: dict[str, tuple[tuple[str, float, float], ...]] = {
 class UltraEditConfig:
     learning_rate: float = 1e-4      # scale of the wanted output shift (UltraEdit's ``lr``)
     ridge: float = 1.0               # weight of ‖ΔW‖² in the least-squares solve
+    passes: int = 1                  # closed-form steps per turn, each read on the model the last one left
     modules: tuple[str, ...] = ()    # dotted paths of the linear layers edited; () = the table above
     batch_size: int = 16             # edits per forward/backward pass (memory only, not the result)
 
@@ -29,8 +30,10 @@ class UltraEditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"field '{name}': must be a number > 0, got {value!r}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ConfigError(f"field 'batch_size': must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("passes", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"field '{name}': must be an integer >= 1, got {value!r}")
         if not all(isinstance(m, str) and m for m in self.modules):
             raise ConfigError("field 'modules': must be a list of dotted module paths")
 

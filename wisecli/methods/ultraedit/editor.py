@@ -26,20 +26,24 @@ class UltraEditor:
         """Nothing to measure beforehand: UltraEdit needs no statistics of unrelated text."""
 
     def apply(self, records: Sequence[EditRecord], progress: Progress | None = None) -> list[dict]:
-        """One turn: every edited layer's keys and output gradients at the answer positions,
-        the running statistics advanced by them, then each layer's shift written in place."""
-        keys: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
-        grads: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
-        for start in range(0, len(records), self.cfg.batch_size):
-            chunk = records[start:start + self.cfg.batch_size]
-            self._read(chunk, keys, grads)
-            if progress is not None:
-                progress({"done": start + len(chunk), "shard": int(self.weights.n_turns), "step": 0, "loss": None})
-        self._write({p: torch.cat(keys[p]) for p in keys}, {p: torch.cat(grads[p]) for p in grads})
+        """One turn of ``passes`` closed-form steps; each reads every edited layer's keys and
+        output gradients at the answer positions on the model as the last step left it,
+        advances its running statistics, and writes each layer's shift in place."""
+        for step in range(self.cfg.passes):
+            keys: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
+            grads: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
+            for start in range(0, len(records), self.cfg.batch_size):
+                chunk = records[start:start + self.cfg.batch_size]
+                self._read(chunk, keys, grads)
+                if progress is not None:
+                    progress({"done": start + len(chunk), "shard": int(self.weights.n_turns), "step": step,
+                              "loss": None})
+            self._write(step, {p: torch.cat(keys[p]) for p in keys}, {p: torch.cat(grads[p]) for p in grads})
         turn = int(self.weights.n_turns)
         self.weights.n_turns += 1
         self.n_edits += len(records)
-        return [{"id": r.id, "shard": turn, "steps": 0, "memory": None, "subject": r.subject} for r in records]
+        return [{"id": r.id, "shard": turn, "steps": self.cfg.passes, "memory": None, "subject": r.subject}
+                for r in records]
 
     def _read(self, chunk: Sequence[EditRecord], keys: dict, grads: dict) -> None:
         device = next(self.model.parameters()).device
@@ -74,16 +78,16 @@ class UltraEditor:
                 handle.remove()
 
     @torch.no_grad()
-    def _write(self, keys: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    def _write(self, step: int, keys: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
         by_shape: dict[str, list[str]] = {}
         for path in self.weights.paths:
             by_shape.setdefault(shape_key(self.weights.linear(path)), []).append(path)
-        for key, paths in by_shape.items():  # layers of one shape share their statistics
-            mean, var, count = self.weights.moments(key)
+        for shape, paths in by_shape.items():  # layers of one shape share their statistics
+            mean, var, count = self.weights.moments(f"{step}_{shape}")
             feats = torch.cat([torch.cat([keys[p], grads[p]], dim=-1) for p in paths]).to(mean.device)
-            self.weights.set_moments(key, *merge_moments(mean, var, count, feats))
+            self.weights.set_moments(f"{step}_{shape}", *merge_moments(mean, var, count, feats))
         for path in self.weights.paths:
-            mean, var, _ = self.weights.moments(shape_key(self.weights.linear(path)))
+            mean, var, _ = self.weights.moments(f"{step}_{shape_key(self.weights.linear(path))}")
             delta = weight_shift(keys[path].to(mean.device), grads[path].to(mean.device), mean, var,
                                  self.cfg.learning_rate, self.cfg.ridge)
             self.weights.add_shift(path, delta)

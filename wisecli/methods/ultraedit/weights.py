@@ -24,17 +24,19 @@ def shape_key(module: nn.Linear) -> str:
 class EditedWeights(nn.Module):
     """Answers ``methods.base.EditedLayer`` for a model whose weights were edited in place."""
 
-    def __init__(self, model: nn.Module, paths: list[str]) -> None:
+    def __init__(self, model: nn.Module, paths: list[str], passes: int) -> None:
         super().__init__()
         self.paths = list(paths)
         self._linears = {p: get_module(model, p) for p in self.paths}  # not submodules: the model owns them
         for i, p in enumerate(self.paths):
             self.register_buffer(f"original_{i}", self._linears[p].weight.detach().clone())
-        for key in sorted({shape_key(m) for m in self._linears.values()}):
-            d = sum(int(x) for x in key.split("x"))
-            self.register_buffer(f"mean_{key}", torch.zeros(d))
-            self.register_buffer(f"var_{key}", torch.ones(d))
-            self.register_buffer(f"count_{key}", torch.zeros(()))
+        for shape in sorted({shape_key(m) for m in self._linears.values()}):
+            d = sum(int(x) for x in shape.split("x"))
+            for step in range(passes):  # each pass of a turn normalises with statistics of its own
+                key = f"{step}_{shape}"
+                self.register_buffer(f"mean_{key}", torch.zeros(d))
+                self.register_buffer(f"var_{key}", torch.ones(d))
+                self.register_buffer(f"count_{key}", torch.zeros(()))
         self.register_buffer("n_turns", torch.zeros((), dtype=torch.long))
         self.last_route = self.answered_route = None  # nothing is routed
 
