@@ -41,6 +41,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(patched: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``wise serve`` on a free port, once it answers; its /v1 URL."""
+    port = _free_port()
+    proc = subprocess.Popen([WISE, "serve", str(patched), "--port", str(port), "--device", "cpu", "--name", "tiny",
+                             *extra], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1)
+            return proc, url
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read())
+            time.sleep(0.1)
+    pytest.fail("wise serve did not answer")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     d = tmp_path_factory.mktemp("serve")
@@ -54,19 +71,7 @@ def server(tmp_path_factory, tiny_llama_dir):
         mp.setenv("WISE_CACHE", str(d / "cache"))
         edit(str(base), write_jsonl(d / "edits.jsonl", EDITS), d / "patched",
              EditOptions(config_file=str(d / "learn.yaml"), evaluate=False, device="cpu"))
-        port = _free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([WISE, "serve", str(d / "patched"), "--port", str(port), "--device", "cpu",
-                                 "--name", "tiny"], stderr=subprocess.PIPE, text=True, env=env)
-        url = f"http://127.0.0.1:{port}/v1"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=1)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None:
-                    pytest.fail(proc.stderr.read())
-                time.sleep(0.1)
+        proc, url = _serve(d / "patched")
         yield {"url": url, "proc": proc, "patched": d / "patched",
                "client": openai.OpenAI(base_url=url, api_key="-", max_retries=0)}
         if proc.poll() is None:
@@ -179,19 +184,8 @@ def test_streamed_and_plain_requests_batched_together_each_get_their_own_answer(
 @pytest.fixture(scope="module")
 def small_server(server):
     """A second server on the same checkpoint with one row per batch and one place in the queue."""
-    port = _free_port()
-    proc = subprocess.Popen([WISE, "serve", str(server["patched"]), "--port", str(port), "--device", "cpu",
-                             "--name", "tiny", "--max-batch", "1", "--max-queue", "1"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read())
-            time.sleep(0.1)
+    proc, url = _serve(server["patched"], "--max-batch", "1", "--max-queue", "1")
+    url = url.removesuffix("/v1")
     yield url
     proc.kill()
 
