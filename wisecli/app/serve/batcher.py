@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -148,13 +148,13 @@ class Batcher:
             batch.keep(torch.tensor(alive))
         return batch
 
-    def _guarded(self, batch: Batch, fn) -> None:
+    def _guarded(self, batch: Batch, fn: Callable[[Batch], Batch | None]) -> None:
         """Run one step of ``batch``; drop it when it ends or fails (its rows told why)."""
         result = self._guarded_rows(batch.rows, lambda: fn(batch))
         if result is None:
             self._batches.remove(batch)
 
-    def _guarded_rows(self, rows: list[Row], fn) -> Any:
+    def _guarded_rows(self, rows: list[Row], fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except Exception as exc:  # the rows that asked get the error; the worker goes on
