@@ -40,6 +40,7 @@ from wisecli.runtime.hf_remote import MODELING_FILE, PATCHED_ARCHITECTURE, PATCH
 from wisecli.app.manifest import FORMAT_VERSION, upgrade
 WEIGHTS_NAME = "wise.safetensors"
 MANIFEST_NAME = "wise.json"
+SHIFT_PREFIX = "shift."   # a plain-weights method's tensors: what it added to <module path>.weight
 
 _AUX_NAMES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -79,15 +80,66 @@ def base_aux_files(model_dir: Path) -> list[Path]:
     return [Path(model_dir) / n for n in _AUX_NAMES if (Path(model_dir) / n).is_file()]
 
 
-def _write_aux(tmp: Path, base_dir: Path, weights: list[Path], report: Progress) -> None:
-    """The base's tokenizer files (and weights unless patch-only), the patched config.json
-    and the modeling file it names."""
-    config = patched_config(base_config(base_dir))
+def _write_aux(tmp: Path, base_dir: Path, weights: list[Path], report: Progress, plain: bool) -> None:
+    """The base's tokenizer files (and weights unless patch-only), the config.json: the
+    base's own for plain weights, else the patched one and the modeling file it names."""
+    config = base_config(base_dir)
     for f in base_aux_files(base_dir) + weights:
         if f.name != "config.json":
             _place(f, tmp / f.name, report)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / MODELING_FILE).write_text(modeling_source())
+    (tmp / "config.json").write_text(json.dumps(config if plain else patched_config(config), indent=2) + "\n")
+    if not plain:
+        (tmp / MODELING_FILE).write_text(modeling_source())
+
+
+def weight_shifts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain-weights method's saved shifts, by the name of the weight they change."""
+    return {f"{name.removeprefix(SHIFT_PREFIX)}.weight": t for name, t in tensors.items()
+            if name.startswith(SHIFT_PREFIX)}
+
+
+def _shifts_in(weights_dir: Path) -> dict[str, torch.Tensor]:
+    """The shifts already in a directory's weight files: an embedded plain checkpoint's."""
+    try:
+        manifest = json.loads((weights_dir / MANIFEST_NAME).read_text())
+        if not manifest["base"]["embedded"]:
+            return {}
+        return weight_shifts(safetensors.torch.load_file(str(weights_dir / WEIGHTS_NAME)))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{weights_dir}: unreadable checkpoint ({e})") from e
+
+
+def _write_edited(tmp: Path, weights: list[Path], shifts: dict[str, torch.Tensor],
+                  already: dict[str, torch.Tensor], report: Progress) -> list[str]:
+    """The base's weight files with the shifts added (each tensor in its own dtype; the
+    shifts ``already`` in them taken out first); files without an edited tensor are linked.
+    Returns the names of the files written."""
+    left, written = set(shifts), []
+    for f in weights:
+        if not f.name.endswith(".safetensors"):
+            if f.name.endswith((".bin", ".bin.index.json")):
+                raise ModelError(f"{f}: plain weights are written into safetensors files, and this base "
+                                 "stores pickles", hint="convert the base to safetensors first")
+            _place(f, tmp / f.name, report)
+            continue
+        with safetensors.safe_open(str(f), "pt") as reader:
+            names, metadata = list(reader.keys()), reader.metadata()
+            if not left & set(names):
+                _place(f, tmp / f.name, report)
+                continue
+            report(f"writing the edited {f.name}")
+            tensors = {n: reader.get_tensor(n) for n in names}
+        for name in left & set(names):
+            t = tensors[name].float() - already.get(name, 0) + shifts[name].float().cpu()
+            tensors[name] = t.to(tensors[name].dtype)
+        left -= set(names)
+        safetensors.torch.save_file(tensors, str(tmp / f.name), metadata=metadata)
+        written.append(f.name)
+    if left:
+        raise ModelError(f"the base's weight files have no tensor '{sorted(left)[0]}'")
+    return written
 
 
 def is_patched(path: Path) -> bool:
@@ -189,8 +241,12 @@ def _full_manifest(manifest: dict, out: Path, base_path: Path, files: dict[str, 
 
 def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tensor],
                      manifest: dict, patch_only: bool = False, force: bool = False,
-                     progress: Progress | None = None) -> Path:
+                     progress: Progress | None = None, plain: bool = False) -> Path:
     """Write a patched checkpoint atomically; the caller's ``manifest`` is not mutated.
+
+    ``plain``: the method's edits are weight shifts (``shift.<module path>`` tensors, from
+    the unedited base); the checkpoint holds the edited weights under the base's own
+    config.json, loadable by any tool, and its ``base.files`` are the files it holds.
 
     Hashing and manifest serialisation happen before anything is written, so an
     unhashable base or a non-JSON manifest fails before gigabytes are copied."""
@@ -204,6 +260,10 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     if not weights:
         raise ModelError(f"{weights_dir}: no weight files (*.safetensors, *.bin)",
                          hint="pass a Hugging Face checkpoint directory")
+    already = _shifts_in(weights_dir) if plain else {}
+    if plain and patch_only and already:
+        raise CheckpointError(f"{base_dir}: holds edited weights; a --patch-only checkpoint refers to an unedited base",
+                              hint="omit --patch-only, or continue from a --patch-only checkpoint or the base")
     files = _hash_files(weights + [f for f in base_aux_files(base_dir) if f.name != "config.json"], report)
     full = _full_manifest(manifest, out, weights_dir, files, tensors, embedded=not patch_only)
     full["base"]["config_sha256"] = config_digest(base_config(base_dir))
@@ -214,7 +274,11 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
             atomic.recover(out)
             _check_target(out, [base_dir, weights_dir], force)  # again: another writer may have finished
             with atomic.building(out) as tmp:
-                _write_aux(tmp, base_dir, [] if patch_only else weights, report)
+                edited = plain and not patch_only
+                _write_aux(tmp, base_dir, [] if patch_only or edited else weights, report, plain)
+                if edited:
+                    for name in _write_edited(tmp, weights, weight_shifts(tensors), already, report):
+                        full["base"]["files"][name] = sha256_file(tmp / name)
                 report(f"writing {WEIGHTS_NAME}")
                 # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
                 safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
@@ -227,7 +291,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
         raise
     if not patch_only:
         for f in weights:
-            share_hash(f, out / f.name)
+            share_hash(f, out / f.name)  # an edited file is newer than its source: not shared
     return out
 
 

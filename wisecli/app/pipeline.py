@@ -50,7 +50,7 @@ class EditOptions:
     mode: str | None = None               # None: merge, or the checkpoint's
     config_file: str | None = None        # YAML of the method's config keys (WISE: WiseConfig)
     method: str | None = None             # None: wise, or the checkpoint's
-    layer: int | None = None
+    layer: int | tuple[int, ...] | None = None   # a tuple: several blocks (ultraedit)
     module_path: str | None = None
     negatives: str | None = None          # a file of irrelevant prompts; None: the model writes them
     seed: int | None = None
@@ -81,7 +81,7 @@ class EditRun:
         sess, n = self.session, len(self.records)
         return {
             "output": str(self.output) if self.output else None, "n_edits": n, "mode": self.config.mode,
-            "module": sess.target.module_path, "memories": sess.mem.n_memories,
+            "module": sess.target.where, "memories": sess.mem.n_memories,
             "edits_total": len(self.manifest["edits"]), "seconds_editing": round(self.seconds_editing, 2),
             "seconds_per_edit": round(self.seconds_editing / max(n, 1), 3),
             "seconds_total": round(self.seconds_total, 2), "device": str(sess.device),
@@ -119,7 +119,8 @@ def edit(model: str | Session | None, edits: str | Path | Sequence[EditRecord], 
     manifest = after_run(sess, cfg, state, records, placed, report, source, seconds)
     if out is not None:
         write_checkpoint(out, base_dir=sess.base_dir, tensors=tensors, manifest=manifest,
-                         patch_only=options.patch_only, force=options.force, progress=rep.status)
+                         patch_only=options.patch_only, force=options.force, progress=rep.status,
+                         plain=methods.get(sess.method).plain)
     return EditRun(sess, cfg, records, placed, report, manifest, out, seconds, time.perf_counter() - t0)
 
 
@@ -130,7 +131,7 @@ def _open(model: str | None, options: EditOptions, rep: Reporter) -> Session:
                       allow_pickle=options.allow_pickle, method=options.method)
     rep.status(f"loaded {sess.origin} ({sess.target.model_type}, {sess.device}, "
                f"{str(sess.dtype).replace('torch.', '')}) in {sess.load_seconds:.1f}s; "
-               f"side memory at {sess.target.module_path}")
+               f"{'edits' if methods.get(sess.method).plain else 'side memory at'} {sess.target.where}")
     return sess
 
 
@@ -144,7 +145,8 @@ def _apply(editor: Editor, records: list[EditRecord], arrival: int | None,
     with rep.phase("editing", len(records)) as tick:
         for start in range(0, len(records), step):
             def on_progress(p: dict, _start: int = start) -> None:
-                tick(_start + p["done"], f"shard {p['shard']} step {p['step']} loss {p['loss']:.3f}")
+                tick(_start + p["done"], f"shard {p['shard']} step {p['step']} loss {p['loss']:.3f}"
+                     if p.get("loss") is not None else f"turn {p['shard']} pass {p['step'] + 1}")
             placed += editor.apply(records[start:start + step], on_progress)
     return placed, time.perf_counter() - t0
 
@@ -166,8 +168,7 @@ def describe(sess: Session) -> dict:
     return {
         "tool": {"name": "wise", "version": __version__, "torch": torch.__version__},
         "base": base,
-        "target": {"module_path": t.module_path, "layer": t.layer, "n_layers": t.n_layers,
-                   "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features},
+        "target": t.describe(),
     }
 
 

@@ -19,7 +19,7 @@ from wisecli import methods
 from wisecli.app.checkpoint import PatchedCheckpoint, is_patched, read_checkpoint
 from wisecli.app.models import ALIASES, alias_of, cache_dir, convert_alias, load_model, pick_device, pick_dtype, resolve_base
 from wisecli.errors import CheckpointError, ConfigError, ModelError
-from wisecli.methods.locate import FFNTarget, get_module
+from wisecli.methods.locate import get_module
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Session:
     model: nn.Module
     tokenizer: Any
     mem: Any                     # the method's runtime layer (WISE: a SideMemoryLayer)
-    target: FFNTarget
+    target: Any                  # where the method edits (WISE: an FFNTarget)
     blocks: nn.ModuleList
     base_dir: Path
     origin: str
@@ -45,7 +45,7 @@ class Session:
 
 
 def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
-               layer: int | None = None, module_path: str | None = None,
+               layer: int | tuple[int, ...] | None = None, module_path: str | None = None,
                device_map: str | None = None,
                progress: Callable[[str], None] | None = None,
                config_file: str | None = None, base: str | None = None, allow_pickle: bool = False,
@@ -62,7 +62,6 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
     dt = pick_dtype(dtype, dev)
     ckpt = read_patched(Path(spec), base) if spec and is_patched(Path(spec)) else None
     if ckpt is not None:
-        layer, module_path = _checkpoint_layer(ckpt, layer)
         base_dir, origin = ckpt.base_dir, ckpt.manifest["base"].get("origin", str(ckpt.base_dir))
         alias = ckpt.manifest["base"].get("alias")
         method = _checkpoint_method(ckpt, method)
@@ -72,7 +71,7 @@ def open_model(spec: str | None, *, device: str = "auto", dtype: str = "auto",
         base_dir, origin, alias = resolve_base(spec, progress=progress), spec or "default", alias_of(spec)
     impl = methods.get(method)
     model, tok = load_model(base_dir, dev, dt, device_map=device_map, allow_pickle=allow_pickle)
-    target = impl.locate(model, layer, module_path, config_file)
+    target = impl.locate(model, layer, module_path, config_file, ckpt.manifest["target"] if ckpt else None)
     mem = impl.attach(model, target, tok)
     if ckpt is not None:
         try:
@@ -105,14 +104,6 @@ def _other_bases(meta: dict) -> list[Path]:
             pass  # its package is not installed here; the hashes may still find a copy
     models = cache_dir() / "models"
     return found + (sorted(p for p in models.iterdir() if p.is_dir() and p not in found) if models.is_dir() else [])
-
-
-def _checkpoint_layer(ckpt: PatchedCheckpoint, layer: int | None) -> tuple[int, str]:
-    saved = ckpt.manifest["target"]
-    if layer is not None and layer != saved["layer"]:
-        raise ConfigError(f"--layer {layer} differs from the checkpoint's layer {saved['layer']}",
-                          hint="a patched checkpoint keeps its layer; omit --layer")
-    return saved["layer"], saved["module_path"]
 
 
 def _checkpoint_method(ckpt: PatchedCheckpoint, method: str | None) -> str:

@@ -10,8 +10,9 @@ DEFAULT = "wise"
 
 def registry() -> dict[str, Method]:
     """Every method wise offers, by the name a manifest records (imported on first use)."""
+    from wisecli.methods.ultraedit.method import ULTRAEDIT
     from wisecli.methods.wise.method import WISE
-    return {WISE.name: WISE}
+    return {WISE.name: WISE, ULTRAEDIT.name: ULTRAEDIT}
 
 
 def get(name: str | None) -> Method:

@@ -71,8 +71,10 @@ class Method:
     # the run's config: (model, attached layer, the checkpoint's manifest or None, the edited
     # layer's index, config file, CLI overrides); a continued run keeps what it must
     resolve_config: Callable[[nn.Module, nn.Module, dict | None, int, str | None, dict[str, Any]], Any]
-    # where it edits: (model, layer or None, module path or None, config file) -> target
-    locate: Callable[[nn.Module, int | None, str | None, str | None], Any]
+    # where it edits: (model, --layer(s) or None, module path or None, config file, the
+    # checkpoint's recorded ``target`` or None) -> target, with ``where`` (a label for
+    # messages), ``layer`` and ``describe()`` (the manifest's ``target``)
+    locate: Callable[[nn.Module, Any, str | None, str | None, dict | None], Any]
     # the runtime layer put at the target (``EditedLayer``; what modeling_wise.py attaches too)
     attach: Callable[[nn.Module, dict, Any], nn.Module]
     # a checkpoint's saved state, checked, then restored into the attached layer
@@ -82,3 +84,7 @@ class Method:
     editor: Callable[..., Editor]
     # a readable summary of the attached layer's state for the manifest (its ``router``)
     summary: Callable[[nn.Module], dict[str, Any]]
+    # True for a method whose edits are plain weights: its saved tensors ``shift.<module
+    # path>`` are what it added to the unedited base's weights, and the checkpoint holds
+    # the edited weights themselves under the base's own config.json (``checkpoint.py``)
+    plain: bool = False

@@ -56,6 +56,16 @@ class FFNTarget:
     in_features: int
     out_features: int
 
+    @property
+    def where(self) -> str:
+        """The edited module, as messages name it."""
+        return self.module_path
+
+    def describe(self) -> dict:
+        """The manifest's ``target``: what a later run and plain transformers need to find it."""
+        return {"module_path": self.module_path, "layer": self.layer, "n_layers": self.n_layers,
+                "kind": self.kind, "in_features": self.in_features, "out_features": self.out_features}
+
 
 def default_layer(n_layers: int) -> int:
     """The layer WISE edits by default: about 0.8 of the depth (30 layers -> 24)."""

@@ -38,10 +38,18 @@ def info(
     console.out.print(summary_table(f"wise info {model}", {
         "base": m["base"].get("origin"), "base dir": str(ckpt.base_dir),
         "base embedded": m["base"].get("embedded"), "model type": m["base"].get("model_type"),
-        "method": m["method"], "module": t["module_path"], "layer": f"{t['layer']} of {t['n_layers']}",
+        "method": m["method"], **_where(t),
         "mode": m["mode"], "edits applied": len(m["edits"]), "runs": len(m.get("runs", [])),
         **{k.replace("_", " "): ([round(x, 4) for x in v] if isinstance(v, list) else v) for k, v in r.items()},
         "tool version": m["tool"]["version"], "format version": m["format_version"],
         **{f"metric {k}": (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
     }))
     console.out.print(summary_table("settings", m["config"]))
+
+
+def _where(target: dict) -> dict[str, str]:
+    """The edited module and its layer (wise), or every edited layer (plain weights)."""
+    if "module_path" in target:
+        return {"module": target["module_path"], "layer": f"{target['layer']} of {target['n_layers']}"}
+    return {"modules": f"{len(target['modules'])}: " + ", ".join(target["modules"]),
+            "layers": f"{', '.join(map(str, target['layers']))} of {target['n_layers']}"}

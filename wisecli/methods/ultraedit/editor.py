@@ -82,19 +82,19 @@ class UltraEditor:
         by_shape: dict[str, list[str]] = {}
         for path in self.weights.paths:
             by_shape.setdefault(shape_key(self.weights.linear(path)), []).append(path)
+        stats = {}
         for shape, paths in by_shape.items():  # layers of one shape share their statistics
-            mean, var, count = self.weights.moments(f"{step}_{shape}")
-            feats = torch.cat([torch.cat([keys[p], grads[p]], dim=-1) for p in paths]).to(mean.device)
-            self.weights.set_moments(f"{step}_{shape}", *merge_moments(mean, var, count, feats))
+            feats = torch.cat([torch.cat([keys[p], grads[p]], dim=-1) for p in paths])
+            mean, var, count = self.weights.moments(f"{step}_{shape}", feats.shape[1], feats.device)
+            stats[shape] = merge_moments(mean, var, count, feats)
+            self.weights.set_moments(f"{step}_{shape}", *stats[shape])
         for path in self.weights.paths:
-            mean, var, _ = self.weights.moments(f"{step}_{shape_key(self.weights.linear(path))}")
-            delta = weight_shift(keys[path].to(mean.device), grads[path].to(mean.device), mean, var,
-                                 self.cfg.learning_rate, self.cfg.ridge)
+            mean, var, _ = stats[shape_key(self.weights.linear(path))]
+            delta = weight_shift(keys[path], grads[path], mean, var, self.cfg.learning_rate, self.cfg.ridge)
             self.weights.add_shift(path, delta)
 
     def saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Each edited layer's shift and the running statistics; the JSON state counts edits."""
-        tensors = {f"shift.{p}": self.weights.shift(p) for p in self.weights.paths}
-        tensors.update({k: v.detach().clone() for k, v in self.weights.state_dict().items()
-                        if not k.startswith("original_")})
+        tensors = {f"shift.{p}": self.weights.shift(p).detach().clone() for p in self.weights.paths}
+        tensors.update(self.weights.statistics())
         return tensors, {"n_edits": self.n_edits}

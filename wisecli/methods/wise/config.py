@@ -298,7 +298,7 @@ def read_yaml(p: Path) -> tuple[dict[str, Any], str]:
     return loaded, text
 
 
-def _key_lines(text: str) -> dict[str, int]:
+def key_lines(text: str) -> dict[str, int]:
     """Line number of each top-level key of a YAML mapping."""
     out: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -318,7 +318,7 @@ def load_config(path: str | Path | None, model_type: str | None = None,
         p = Path(path)
         loaded, text = read_yaml(p)
         # validate the file's own keys with its name and their lines in the message
-        from_dict(loaded, str(p), _key_lines(text))
+        from_dict(loaded, str(p), key_lines(text))
         data.update(loaded)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(data, str(path) if path else "config")

@@ -39,8 +39,19 @@ def subjects_of(manifest: dict) -> list[tuple[int, str | None]]:
             if e.get("memory") is not None]
 
 
-def locate(model: nn.Module, layer: int | None, module_path: str | None, config_file: str | None) -> FFNTarget:
-    """The FFN output projection the memory replaces: the CLI's, else the config's layer."""
+def locate(model: nn.Module, layer: int | tuple[int, ...] | None, module_path: str | None,
+           config_file: str | None, saved: dict | None = None) -> FFNTarget:
+    """The FFN output projection the memory replaces: a checkpoint's (``saved``), else the
+    CLI's, else the config's layer."""
+    if isinstance(layer, tuple):
+        if len(layer) != 1:
+            raise ConfigError(f"--layer given {len(layer)} times: WISE's side memory sits at one layer")
+        layer = layer[0]
+    if saved is not None:
+        if layer is not None and layer != saved["layer"]:
+            raise ConfigError(f"--layer {layer} differs from the checkpoint's layer {saved['layer']}",
+                              hint="a patched checkpoint keeps its layer; omit --layer")
+        layer, module_path = saved["layer"], saved["module_path"]
     if layer is None and module_path is None:
         layer = _config_layer(model, config_file)
     return locate_ffn_out(model, layer=layer, module_path=module_path)
