@@ -16,6 +16,7 @@ train split, as the WISE paper does; the default is what ``wise edit`` does by d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -43,6 +44,10 @@ TRAIN = {
 }
 
 
+USE_FIELDS = ("generated_accuracy", "chat_accuracy", "repetition", "leakage", "generation_entropy",
+              "same_subject_locality")
+
+
 class _Stderr(Silent):
     """A line every 100 edits: a T=1000 run is hours on a CPU."""
 
@@ -61,7 +66,7 @@ class _Stderr(Silent):
 
 def run_once(args: argparse.Namespace, t: int) -> dict:
     records = load_edits(DATASETS.get(args.dataset, Path(args.dataset)), offset=args.offset, limit=t)
-    sess = open_model(args.model, device=args.device, dtype=args.dtype, config_file=args.config)
+    sess = open_model(args.model, device=args.device, dtype=args.dtype, config_file=args.config, method=args.method)
     base_ppl = None
     if args.dataset == "hallucination":  # the unedited model's perplexity, printed beside
         base_ppl = evaluate(sess.model, sess.tokenizer, None, records, generate=False).perplexity
@@ -71,16 +76,28 @@ def run_once(args: argparse.Namespace, t: int) -> dict:
     # Lifelong: the edits arrive in batches of ``arrival``, each applied on top of the last,
     # then all T are evaluated on the final model.
     options = EditOptions(mode=args.mode, config_file=args.config, negatives=negatives, arrival=args.arrival,
-                          patch_only=True)
+                          patch_only=True, method=args.method, evaluate=not args.use_sample)
     run = edit(sess, records, _saved(args, t) if args.save else None, options, _Stderr(t),
                edits_source=args.dataset)
     steps = {p["shard"]: p["steps"] for p in run.placed}  # optimisation steps each shard took
-    row = {k: v for k, v in run.report.to_dict().items() if k != "edits"}
+    report = run.report or _sampled(sess, records, args.use_sample)
+    row = {k: v for k, v in report.to_dict().items() if k != "edits"}
     parts = [row[k] for k in ("reliability", "generalization", "locality") if row[k] is not None]
     row.update(T=t, avg=sum(parts) / len(parts), seconds_per_edit=run.seconds_editing / len(records),
-               memories=sess.mem.n_memories, base_perplexity=base_ppl,
+               memories=sess.mem.n_memories, base_perplexity=base_ppl, use_sample=args.use_sample or None,
                mean_steps_per_shard=sum(steps.values()) / max(len(steps), 1))
     return row
+
+
+def _sampled(sess, records: list, n: int):
+    """Teacher-forced figures over every edit; the generation-based use figures (greedy
+    generated accuracy, chat, repetition, leakage, same-subject) over a fixed random sample
+    of ``n`` edits (seed 0), for runs where generating for every edit would not fit."""
+    import random
+    report = evaluate(sess.model, sess.tokenizer, sess.mem if sess.mem.n_memories else None, records, generate=False)
+    sample = sorted(random.Random(0).sample(range(len(records)), min(n, len(records))))
+    used = evaluate(sess.model, sess.tokenizer, sess.mem if sess.mem.n_memories else None, [records[i] for i in sample])
+    return dataclasses.replace(report, **{name: getattr(used, name) for name in USE_FIELDS})
 
 
 def _saved(args: argparse.Namespace, t: int) -> Path:
@@ -112,7 +129,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="zsre", help=f"{', '.join(DATASETS)} or a path")
     ap.add_argument("--T", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--mode", default="merge", choices=["merge", "retrieve"])
+    ap.add_argument("--method", default=None, help="wise (the default) or ultraedit")
+    ap.add_argument("--mode", default=None, choices=["merge", "retrieve"], help="wise's mode (default merge)")
+    ap.add_argument("--use-sample", type=int, default=0,
+                    help="teacher-forced figures over every edit, generation-based ones over this many (0: all)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -141,7 +161,8 @@ def main() -> None:
               f"{_f(row['leakage'])} {_f(row['same_subject_locality'])} {row['seconds_per_edit']:>7.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"quality-{Path(args.dataset).stem}-{Path(args.model).name}-{args.mode}" + \
+    mode = args.mode or ("merge" if args.method in (None, "wise") else args.method)
+    name = f"quality-{Path(args.dataset).stem}-{Path(args.model).name}-{mode}" + \
         (f"-from{args.offset}" if args.offset else "") + \
         ("" if args.negatives == "generated" else f"-neg-{Path(args.negatives).stem}")
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

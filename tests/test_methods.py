@@ -110,7 +110,8 @@ SHIFT = Method(
     load_config=lambda path, model_type, overrides: ShiftConfig(),
     config_from_dict=lambda data, where: ShiftConfig(**data),
     resolve_config=lambda model, layer, manifest, index, path, overrides: ShiftConfig(),
-    locate=lambda model, layer, module_path, path: locate_ffn_out(model, layer=layer, module_path=module_path),
+    locate=lambda model, layer, module_path, path, saved: locate_ffn_out(
+        model, layer=saved["layer"] if saved else layer, module_path=saved["module_path"] if saved else module_path),
     attach=_attach, check_state=_check,
     restore=lambda layer, tensors, manifest: layer.shift.copy_(tensors["shift"]),
     editor=lambda model, tok, layer, blocks, index, cfg, state: ShiftEditor(model, tok, layer, cfg, state),

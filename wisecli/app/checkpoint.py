@@ -98,15 +98,17 @@ def weight_shifts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if name.startswith(SHIFT_PREFIX)}
 
 
-def _shifts_in(weights_dir: Path) -> dict[str, torch.Tensor]:
-    """The shifts already in a directory's weight files: an embedded plain checkpoint's."""
+def _shifts_in(weights_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The shifts already in a directory's weight files (an embedded plain checkpoint's), and
+    the SHA-256 of those files before any edit."""
     try:
         manifest = json.loads((weights_dir / MANIFEST_NAME).read_text())
         if not manifest["base"]["embedded"]:
-            return {}
-        return weight_shifts(safetensors.torch.load_file(str(weights_dir / WEIGHTS_NAME)))
+            return {}, {}
+        shifts = weight_shifts(safetensors.torch.load_file(str(weights_dir / WEIGHTS_NAME)))
+        return shifts, dict(manifest["base"].get("unedited_files") or {})
     except FileNotFoundError:
-        return {}
+        return {}, {}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{weights_dir}: unreadable checkpoint ({e})") from e
 
@@ -260,7 +262,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     if not weights:
         raise ModelError(f"{weights_dir}: no weight files (*.safetensors, *.bin)",
                          hint="pass a Hugging Face checkpoint directory")
-    already = _shifts_in(weights_dir) if plain else {}
+    already, unedited = _shifts_in(weights_dir) if plain else ({}, {})
     if plain and patch_only and already:
         raise CheckpointError(f"{base_dir}: holds edited weights; a --patch-only checkpoint refers to an unedited base",
                               hint="omit --patch-only, or continue from a --patch-only checkpoint or the base")
@@ -278,7 +280,9 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
                 _write_aux(tmp, base_dir, [] if patch_only or edited else weights, report, plain)
                 if edited:
                     for name in _write_edited(tmp, weights, weight_shifts(tensors), already, report):
+                        unedited.setdefault(name, full["base"]["files"][name])
                         full["base"]["files"][name] = sha256_file(tmp / name)
+                    full["base"]["unedited_files"] = unedited
                 report(f"writing {WEIGHTS_NAME}")
                 # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
                 safe = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}

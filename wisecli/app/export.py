@@ -5,8 +5,12 @@ through the side memory, so the edits hold, but prompts the router would have ke
 main memory change too.  ``folding_cost`` measures that on the same prompts before (routed)
 and after (folded), against the unedited model's greedy answers.
 
+A method that writes plain weights (ultraedit) has nothing to fold: its checkpoint is already
+the edited model, and export only changes the container (what it changes against the
+unedited model is measured the same way).
+
 Two outputs: a plain Hugging Face checkpoint (``--to merged``), or a GGUF file (``--to gguf``)
-rewritten from the GGUF the base was converted from, with only the folded tensor replaced
+rewritten from the GGUF the base was converted from, with only the edited tensors replaced
 (float32; every other tensor keeps its bytes and quantisation).
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from wisecli import methods
 from wisecli.app.aliases import convert_alias, convert_gguf, fetch_gguf
 from wisecli.batching import encode_pairs
 from wisecli.app import atomic
@@ -42,11 +47,17 @@ def unrelated_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def memory_to_fold(sess: Session, memory: int | None) -> int:
-    """The one memory a folded model can hold: the only one, or the one named."""
+def memory_to_fold(sess: Session, memory: int | None) -> int | None:
+    """The one memory a folded model can hold: the only one, or the one named; None for a
+    method whose edits are plain weights already."""
     n = sess.mem.n_memories
     if sess.manifest is None or n == 0:
         raise CheckpointError(f"{sess.origin}: nothing to export: not a patched checkpoint with edits")
+    if methods.get(sess.method).plain:
+        if memory is not None:
+            raise CheckpointError(f"--memory {memory}: {sess.origin} holds no side memories ({sess.method} "
+                                  "writes plain weights)", hint="omit --memory")
+        return None
     if memory is None:
         if n > 1:
             raise CheckpointError(f"{sess.origin}: holds {n} side memories ({sess.manifest['mode']} mode); "
@@ -79,8 +90,10 @@ def fold(sess: Session, k: int) -> None:
     set_module(sess.model, sess.target.module_path, mem.base_layer)
 
 
-def folding_cost(sess: Session, k: int, edits: Sequence[tuple[str, str]], locality: Sequence[str]) -> dict[str, Any]:
-    """Folds memory k into ``sess`` (in place) and says what that changed.
+def folding_cost(sess: Session, k: int | None, edits: Sequence[tuple[str, str]],
+                 locality: Sequence[str]) -> dict[str, Any]:
+    """Folds memory k into ``sess`` (in place) and says what that changed; ``k`` None: a
+    plain-weights checkpoint, exported as it is (routed and folded are the same model).
 
     edits: (prompt, target) — share whose greedy answer starts with the target; locality and
     the fixed unrelated prompts — share whose answer is the unedited model's.  Each measured
@@ -89,9 +102,10 @@ def folding_cost(sess: Session, k: int, edits: Sequence[tuple[str, str]], locali
     with sess.mem.main_only():
         base = {g: greedy(sess, ps) for g, ps in groups.items()}
     routed = {g: greedy(sess, ps) for g, ps in groups.items()}
-    routed_to_k = sum(int(r) == k for r in _routes(sess, groups["unrelated_prompts"]))
-    fold(sess, k)
-    folded = {g: greedy(sess, ps) for g, ps in groups.items()}
+    routed_to_k = None if k is None else sum(int(r) == k for r in _routes(sess, groups["unrelated_prompts"]))
+    if k is not None:
+        fold(sess, k)
+    folded = routed if k is None else {g: greedy(sess, ps) for g, ps in groups.items()}
     targets = [t for _, t in edits]
 
     def score(group: str, answers: dict[str, list[str]]) -> float | None:
@@ -103,10 +117,23 @@ def folding_cost(sess: Session, k: int, edits: Sequence[tuple[str, str]], locali
     report = {g: {"n": len(groups[g]), "routed": score(g, routed), "folded": score(g, folded)} for g in groups}
     report["edits"]["measure"] = "greedy answer starts with the new target"
     report["locality_prompts"]["measure"] = report["unrelated_prompts"]["measure"] = "greedy answer unchanged"
-    report["unrelated_prompts"]["routed_through_the_memory"] = routed_to_k
+    if routed_to_k is not None:
+        report["unrelated_prompts"]["routed_through_the_memory"] = routed_to_k
     report["changed_when_folded"] = [p for p, a, b in zip(groups["unrelated_prompts"], folded["unrelated_prompts"],
                                                          base["unrelated_prompts"]) if a != b]
     return report
+
+
+def edited_weights(sess: Session) -> dict[str, np.ndarray]:
+    """Module path -> the weight as GGUF stores it, for every weight the export changes: the
+    folded projection (after ``fold``), or a plain-weights method's edited layers."""
+    paths = list(getattr(sess.mem, "paths", [])) or [sess.target.module_path]
+    out = {}
+    for path in paths:
+        weight = sess.model.get_submodule(path).weight.detach().float()
+        transposed = getattr(sess.target, "kind", "linear") == "conv1d"
+        out[path] = (weight.T if transposed else weight).contiguous().cpu().numpy()
+    return out
 
 
 def _routes(sess: Session, prompts: Sequence[str]) -> list[int]:
@@ -155,10 +182,11 @@ def gguf_source(sess: Session) -> Callable[[Path], Path]:
     conversion has the very weights the patch was trained on (checked by SHA-256)."""
     meta = sess.manifest["base"]
     alias, origin = meta.get("alias"), str(meta.get("origin", ""))
-    if alias and _same_weights(convert_alias(alias), meta["files"]):
+    files = {**meta["files"], **meta.get("unedited_files", {})}  # plain weights: the base's own files
+    if alias and _same_weights(convert_alias(alias), files):
         return lambda scratch: fetch_gguf(alias, scratch)
     if origin.lower().endswith(".gguf") and Path(origin).is_file() and \
-            _same_weights(convert_gguf(Path(origin)), meta["files"]):
+            _same_weights(convert_gguf(Path(origin)), files):
         return lambda _scratch: Path(origin)
     raise WiseError(f"{sess.origin}: --to gguf rewrites the GGUF the base was converted from, and this "
                     f"base ({origin}) did not come from one wise can find",
@@ -170,21 +198,21 @@ def _same_weights(model_dir: Path, files: dict[str, str]) -> bool:
 
 
 def write_gguf(sess: Session, out: Path, source: Callable[[Path], Path]) -> Path:
-    """The source GGUF with the folded projection (float32) in place of the edited one."""
+    """The source GGUF with each edited weight (float32) in place of the base's."""
     from gguf import GGUFReader, GGUFWriter
-    weight = sess.model.get_submodule(sess.target.module_path).weight.detach().float()
-    folded = (weight.T if sess.target.kind == "conv1d" else weight).contiguous().cpu().numpy()
+    weights = edited_weights(sess)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     with atomic.locked(out), tempfile.TemporaryDirectory() as scratch:
         atomic.recover(out)
         reader = GGUFReader(str(source(Path(scratch))))
         arch = reader.fields["general.architecture"].contents()
-        name = _gguf_tensor(arch, sess.target.n_layers, sess.target.module_path)
+        n_layers = sess.target.n_layers
+        replaced = {_gguf_tensor(arch, n_layers, path): w for path, w in weights.items()}
         try:
             writer = GGUFWriter(str(tmp), arch=arch)
             _copy_fields(reader, writer)
-            _copy_tensors(reader, writer, name, folded)
+            _copy_tensors(reader, writer, replaced)
             for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
                 step()
             writer.close()
@@ -215,16 +243,16 @@ def _copy_fields(reader: Any, writer: Any) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _copy_tensors(reader: Any, writer: Any, replaced: str, folded: np.ndarray) -> None:
-    found = False
+def _copy_tensors(reader: Any, writer: Any, replaced: dict[str, np.ndarray]) -> None:
+    left = set(replaced)
     for t in reader.tensors:
-        if t.name == replaced:
+        if t.name in replaced:
             want = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-            if want != folded.shape:
-                raise WiseError(f"GGUF tensor {replaced} has shape {want}; the folded weight is {folded.shape}")
-            writer.add_tensor(t.name, folded)
-            found = True
+            if want != replaced[t.name].shape:
+                raise WiseError(f"GGUF tensor {t.name} has shape {want}; the edited weight is {replaced[t.name].shape}")
+            writer.add_tensor(t.name, replaced[t.name])
+            left.discard(t.name)
         else:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    if not found:
-        raise WiseError(f"the source GGUF has no tensor {replaced}")
+    if left:
+        raise WiseError(f"the source GGUF has no tensor {sorted(left)[0]}")

@@ -51,7 +51,7 @@ def export(
                       progress=lambda m: console.status(m, json_out))
     k = memory_to_fold(sess, memory)
     source = gguf_source(sess) if to is Target.gguf else None  # before the measuring, which takes a while
-    applied = [(e["prompt"], e["target_new"]) for e in sess.manifest["edits"] if e.get("memory") == k]
+    applied = [(e["prompt"], e["target_new"]) for e in sess.manifest["edits"] if e.get("memory") == k or k is None]
     console.status(f"measuring routed vs folded on {len(applied)} edits and fixed unrelated prompts", json_out)
     cost = folding_cost(sess, k, applied, [r.locality_prompt for r in records if r.locality_prompt])
     provenance = {"exported_by": f"wise {__version__}", "from": str(model), "memory": k, "folding_cost": cost}

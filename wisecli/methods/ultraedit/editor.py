@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from wisecli.batching import encode_pairs
 from wisecli.methods.base import Progress
 from wisecli.methods.ultraedit.config import UltraEditConfig
-from wisecli.methods.ultraedit.maths import merge_moments, weight_shift
+from wisecli.methods.ultraedit.maths import merge_moments, second_moment, weight_shift
 from wisecli.methods.ultraedit.weights import EditedWeights, shape_key
+from wisecli.methods.wise.augment import generate_negatives  # the same neutral text WISE's router reads
 from wisecli.records import EditRecord
+
+NEUTRAL_TEXTS, NEUTRAL_TOKENS = 64, 30  # what the preservation term is measured on, when no negatives are given
 
 
 class UltraEditor:
@@ -21,9 +24,25 @@ class UltraEditor:
                  state: dict | None) -> None:
         self.model, self.tok, self.weights, self.cfg = model, tokenizer, weights, cfg
         self.n_edits = int((state or {}).get("n_edits", 0))
+        self.kept: dict[str, torch.Tensor] = {}
 
     def prepare(self, negatives: list[str] | None, source: str) -> None:
-        """Nothing to measure beforehand: UltraEdit needs no statistics of unrelated text."""
+        """The second moment of each edited layer's keys on unrelated text (the user's
+        negatives, else text the unedited model writes from neutral seeds): what the
+        preservation term keeps.  Measured per run, never stored: it is the model's."""
+        self.kept: dict[str, torch.Tensor] = {}
+        if not self.cfg.preserve:
+            return
+        texts = list(negatives or []) or generate_negatives(self.model, self.tok, self.weights, NEUTRAL_TEXTS,
+                                                            (NEUTRAL_TOKENS,), seed=0)
+        keys: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
+        device = next(self.model.parameters()).device
+        for start in range(0, len(texts), self.cfg.batch_size):
+            enc = self.tok(texts[start:start + self.cfg.batch_size], return_tensors="pt", padding=True,
+                           return_token_type_ids=False).to(device)
+            with self._recording(enc["attention_mask"].bool(), keys, None), torch.no_grad():
+                self.model(**enc)
+        self.kept = {p: second_moment(torch.cat(keys[p])) for p in self.weights.paths}
 
     def apply(self, records: Sequence[EditRecord], progress: Progress | None = None) -> list[dict]:
         """One turn of ``passes`` closed-form steps; each reads every edited layer's keys and
@@ -59,13 +78,15 @@ class UltraEditor:
             loss.backward()
 
     @contextmanager
-    def _recording(self, at: torch.Tensor, keys: dict, grads: dict) -> Iterator[None]:
+    def _recording(self, at: torch.Tensor, keys: dict, grads: dict | None) -> Iterator[None]:
         """Forward hooks keep each edited layer's inputs at ``at``; a hook on its output keeps
         the loss gradient there (nothing else is differentiated: the weights stay frozen)."""
         handles = []
         for path in self.weights.paths:
             def hook(_m: nn.Module, args: tuple, out: torch.Tensor, path: str = path) -> torch.Tensor:
                 keys[path].append(args[0][at].detach().float())
+                if grads is None:
+                    return out
                 if not out.requires_grad:
                     out = out.detach().requires_grad_(True)
                 out.register_hook(lambda g, path=path: grads[path].append(g[at].detach().float()))
@@ -90,7 +111,9 @@ class UltraEditor:
             self.weights.set_moments(f"{step}_{shape}", *stats[shape])
         for path in self.weights.paths:
             mean, var, _ = stats[shape_key(self.weights.linear(path))]
-            delta = weight_shift(keys[path], grads[path], mean, var, self.cfg.learning_rate, self.cfg.ridge)
+            kept = self.kept.get(path)
+            kept = None if kept is None else kept * (self.cfg.preserve * keys[path].shape[0])
+            delta = weight_shift(keys[path], grads[path], mean, var, self.cfg.learning_rate, self.cfg.ridge, kept)
             self.weights.add_shift(path, delta)
 
     def saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
