@@ -5,6 +5,8 @@ from typing import Annotated
 
 import torch
 import typer
+
+from wisecli import methods
 from rich.text import Text
 
 from wisecli.errors import WiseError
@@ -48,7 +50,8 @@ def generate(
                                   pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     route = sess.mem.answered_route
-    routes = route_names(route) if route is not None and sess.mem.n_memories else ["main"] * len(prompts)
+    unrouted = "weights" if methods.get(sess.method).plain and sess.mem.n_memories else "main"
+    routes = route_names(route) if route is not None and sess.mem.n_memories else [unrouted] * len(prompts)
     rows = [{"prompt": p, "completion": t, "memory": r} for p, t, r in zip(prompts, texts, routes)]
     if json_out:
         console.print_json("generate", {"model": str(model), "generations": rows})

@@ -24,7 +24,7 @@ EDITED: dict[str, tuple[tuple[str, float, float], ...]] = {
 class UltraEditConfig:
     learning_rate: float = 1e-4      # scale of the wanted output shift (UltraEdit's ``lr``)
     ridge: float = 1.0               # weight of ‖ΔW‖² in the least-squares solve
-    passes: int = 1                  # closed-form steps per turn, each read on the model the last one left
+    passes: int = 3                  # closed-form steps per turn, each read on the model the last one left
     preserve: float = 30.0           # weight of unrelated text's keys in the solve, per edit position; 0: none
     modules: tuple[str, ...] = ()    # dotted paths of the linear layers edited; () = the table above
     layers: tuple[int, ...] = ()     # blocks whose table modules are edited; () = the table's ranges
