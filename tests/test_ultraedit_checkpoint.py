@@ -131,3 +131,20 @@ def test_a_checkpoint_with_a_foreign_tensor_is_refused(runs, tmp_path):
     (bad / "wise.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="tensor 'memories' is not one wise writes"):
         open_model(str(bad), device="cpu")
+
+
+def test_a_bfloat16_run_keeps_float32_shifts_that_a_float32_load_reads_back(tiny_llama_dir, tmp_path):
+    (tmp_path / "ue.yaml").write_text(CONFIG)
+    edits = write_jsonl(tmp_path / "e.jsonl", EDITS)
+    run = edit(str(tiny_llama_dir), edits, tmp_path / "bf16", EditOptions(
+        method="ultraedit", config_file=str(tmp_path / "ue.yaml"), evaluate=False, device="cpu", dtype="bfloat16"))
+    shifts = {k: v for k, v in safetensors.torch.load_file(str(tmp_path / "bf16" / "wise.safetensors")).items()
+              if k.startswith("shift.")}
+    assert shifts and all(v.dtype == torch.float32 and v.abs().max() > 0 for v in shifts.values())
+    path = next(iter(shifts)).removeprefix("shift.")
+    live = run.session.model.get_submodule(path).weight
+    assert live.dtype == torch.bfloat16
+    again = open_model(str(tmp_path / "bf16"), device="cpu", dtype="float32")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    want = base.get_submodule(path).weight + shifts[f"shift.{path}"]
+    torch.testing.assert_close(again.model.get_submodule(path).weight, want, rtol=0, atol=1e-6)
