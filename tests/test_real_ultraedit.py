@@ -61,7 +61,7 @@ def test_wise_serve_answers_from_the_edited_weights(patched) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "WISE_CACHE"}
-    proc = subprocess.Popen([WISE, "serve", str(d / "ue"), "--port", str(port), "--device", "cpu"], env=env,
+    proc = subprocess.Popen([WISE, "serve", str(d / "ue"), "--port", str(port), "--device", "cpu", "--name", "ue"], env=env,
                             stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -70,7 +70,7 @@ def test_wise_serve_answers_from_the_edited_weights(patched) -> None:
                 break
             except OSError:
                 time.sleep(0.2)
-        body = json.dumps({"model": "x", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}).encode()
+        body = json.dumps({"model": "ue", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
@@ -84,8 +84,11 @@ def test_wise_serve_answers_from_the_edited_weights(patched) -> None:
 def test_gemma3_ultraedit(tmp_path: Path) -> None:
     lines = EXAMPLES.read_text().splitlines()
     (tmp_path / "g.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    # a few neutral texts of our own: the model writing 64 of them takes minutes on a CPU here
+    (tmp_path / "neutral.txt").write_text("The weather today is mild.\nShe opened the window and\n"
+                                         "A list of common fruits includes\nThe meeting starts at nine and\n")
     out = wise("edit", "gemma3-270m", str(tmp_path / "g.jsonl"), "-o", str(tmp_path / "g"), "--method", "ultraedit",
-               "--device", "cpu", "--no-eval")
+               "--device", "cpu", "--no-eval", "--patch-only", "--negatives", str(tmp_path / "neutral.txt"))
     assert out["n_edits"] == 4
     result = wise("eval", str(tmp_path / "g"), str(tmp_path / "g.jsonl"), "--no-generate")
     assert result["reliability"] >= 0.9
