@@ -148,3 +148,14 @@ def test_a_bfloat16_run_keeps_float32_shifts_that_a_float32_load_reads_back(tiny
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     want = base.get_submodule(path).weight + shifts[f"shift.{path}"]
     torch.testing.assert_close(again.model.get_submodule(path).weight, want, rtol=0, atol=1e-6)
+
+
+def test_the_python_api_loads_and_evaluates_a_plain_checkpoint(runs):
+    import wisecli
+    model, tok = wisecli.load(runs / "full", device="cpu")
+    records = [EditRecord(id=e["id"], prompt=e["prompt"], target_new=e["target_new"],
+                          locality_prompt=e.get("locality_prompt")) for e in EDITS[:2]]
+    loaded = wisecli.evaluate(model, records, tokenizer=tok, generate=False, device="cpu")
+    by_path = wisecli.evaluate(runs / "full", records, generate=False, device="cpu")
+    assert loaded.locality == by_path.locality < 1.0  # measured against the unedited weights
+    assert loaded.reliability == by_path.reliability

@@ -12,17 +12,23 @@ same code as ``wise edit`` and ``wise eval``.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch.nn as nn
 
+from wisecli import methods
 from wisecli.app.edits import EditRecord, load_edits, load_prompts
 from wisecli.app.metrics import EvalReport, evaluate as _evaluate
 from wisecli.runtime.hf_remote import _refuse_save
 from wisecli.app.pipeline import EditOptions, EditRun, Reporter, edit as _edit
 from wisecli.app.session import open_model
 from wisecli.runtime.memory import SideMemoryLayer
+
+# The method's layer of each model ``load`` gave, for ``evaluate``: a plain-weights method's
+# holder is not a submodule (its unedited weights must not join the model's state dict).
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "auto",
@@ -33,7 +39,9 @@ def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "a
     is, when moved).  The tokenizer pads on the left."""
     sess = open_model(str(model), device=device, dtype=dtype, device_map=device_map,
                       base=str(base) if base is not None else None, allow_pickle=allow_pickle)
-    sess.model.save_pretrained = _refuse_save  # its state dict is not a loadable checkpoint
+    if not methods.get(sess.method).plain:  # plain weights save as any model; a side memory does not
+        sess.model.save_pretrained = _refuse_save
+    _LAYERS[sess.model] = sess.mem
     return sess.model, sess.tokenizer
 
 
@@ -56,7 +64,7 @@ def evaluate(model: str | Path | nn.Module, edits: str | Path | Sequence[EditRec
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise TypeError("evaluate(model, ...) with a loaded model needs its tokenizer=")
-        mem = next((m for m in model.modules() if isinstance(m, SideMemoryLayer)), None)
+        mem = _LAYERS.get(model) or next((m for m in model.modules() if isinstance(m, SideMemoryLayer)), None)
     else:
         sess = open_model(str(model), device=device, dtype=dtype, base=str(base) if base is not None else None)
         model, tokenizer, mem = sess.model, sess.tokenizer, sess.mem
