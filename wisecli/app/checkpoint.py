@@ -32,7 +32,7 @@ from typing import Callable
 import safetensors.torch
 import torch
 
-from wisecli.app import atomic
+from wisecli.app import atomic, plain_weights
 from wisecli.app.bundle import modeling_source
 from wisecli.errors import CheckpointError, ModelError, OutputExistsError, WiseError
 from wisecli.app.hashing import sha256_file, sha256_file_cached, share_hash
@@ -40,7 +40,6 @@ from wisecli.runtime.hf_remote import MODELING_FILE, PATCHED_ARCHITECTURE, PATCH
 from wisecli.app.manifest import FORMAT_VERSION, upgrade
 WEIGHTS_NAME = "wise.safetensors"
 MANIFEST_NAME = "wise.json"
-SHIFT_PREFIX = "shift."   # a plain-weights method's tensors: what it added to <module path>.weight
 
 _AUX_NAMES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -90,58 +89,6 @@ def _write_aux(tmp: Path, base_dir: Path, weights: list[Path], report: Progress,
     (tmp / "config.json").write_text(json.dumps(config if plain else patched_config(config), indent=2) + "\n")
     if not plain:
         (tmp / MODELING_FILE).write_text(modeling_source())
-
-
-def weight_shifts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain-weights method's saved shifts, by the name of the weight they change."""
-    return {f"{name.removeprefix(SHIFT_PREFIX)}.weight": t for name, t in tensors.items()
-            if name.startswith(SHIFT_PREFIX)}
-
-
-def _shifts_in(weights_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The shifts already in a directory's weight files (an embedded plain checkpoint's), and
-    the SHA-256 of those files before any edit."""
-    try:
-        manifest = json.loads((weights_dir / MANIFEST_NAME).read_text())
-        if not manifest["base"]["embedded"]:
-            return {}, {}
-        shifts = weight_shifts(safetensors.torch.load_file(str(weights_dir / WEIGHTS_NAME)))
-        return shifts, dict(manifest["base"].get("unedited_files") or {})
-    except FileNotFoundError:
-        return {}, {}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{weights_dir}: unreadable checkpoint ({e})") from e
-
-
-def _write_edited(tmp: Path, weights: list[Path], shifts: dict[str, torch.Tensor],
-                  already: dict[str, torch.Tensor], report: Progress) -> list[str]:
-    """The base's weight files with the shifts added (each tensor in its own dtype; the
-    shifts ``already`` in them taken out first); files without an edited tensor are linked.
-    Returns the names of the files written."""
-    left, written = set(shifts), []
-    for f in weights:
-        if not f.name.endswith(".safetensors"):
-            if f.name.endswith((".bin", ".bin.index.json")):
-                raise ModelError(f"{f}: plain weights are written into safetensors files, and this base "
-                                 "stores pickles", hint="convert the base to safetensors first")
-            _place(f, tmp / f.name, report)
-            continue
-        with safetensors.safe_open(str(f), "pt") as reader:
-            names, metadata = list(reader.keys()), reader.metadata()
-            if not left & set(names):
-                _place(f, tmp / f.name, report)
-                continue
-            report(f"writing the edited {f.name}")
-            tensors = {n: reader.get_tensor(n) for n in names}
-        for name in left & set(names):
-            t = tensors[name].float() - already.get(name, 0) + shifts[name].float().cpu()
-            tensors[name] = t.to(tensors[name].dtype)
-        left -= set(names)
-        safetensors.torch.save_file(tensors, str(tmp / f.name), metadata=metadata)
-        written.append(f.name)
-    if left:
-        raise ModelError(f"the base's weight files have no tensor '{sorted(left)[0]}'")
-    return written
 
 
 def is_patched(path: Path) -> bool:
@@ -262,7 +209,7 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
     if not weights:
         raise ModelError(f"{weights_dir}: no weight files (*.safetensors, *.bin)",
                          hint="pass a Hugging Face checkpoint directory")
-    already, unedited = _shifts_in(weights_dir) if plain else ({}, {})
+    already, unedited = plain_weights.shifts_in(weights_dir, MANIFEST_NAME, WEIGHTS_NAME) if plain else ({}, {})
     if plain and patch_only and already:
         raise CheckpointError(f"{base_dir}: holds edited weights; a --patch-only checkpoint refers to an unedited base",
                               hint="omit --patch-only, or continue from a --patch-only checkpoint or the base")
@@ -279,7 +226,8 @@ def write_checkpoint(out: Path, *, base_dir: Path, tensors: dict[str, torch.Tens
                 edited = plain and not patch_only
                 _write_aux(tmp, base_dir, [] if patch_only or edited else weights, report, plain)
                 if edited:
-                    for name in _write_edited(tmp, weights, weight_shifts(tensors), already, report):
+                    shifts = plain_weights.weight_shifts(tensors)
+                    for name in plain_weights.write_edited(tmp, weights, shifts, already, _place, report):
                         unedited.setdefault(name, full["base"]["files"][name])
                         full["base"]["files"][name] = sha256_file(tmp / name)
                     full["base"]["unedited_files"] = unedited
