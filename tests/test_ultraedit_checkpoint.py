@@ -159,3 +159,16 @@ def test_the_python_api_loads_and_evaluates_a_plain_checkpoint(runs):
     by_path = wisecli.evaluate(runs / "full", records, generate=False, device="cpu")
     assert loaded.locality == by_path.locality < 1.0  # measured against the unedited weights
     assert loaded.reliability == by_path.reliability
+
+
+def test_a_continued_run_equals_one_run_in_the_same_turns(runs, tiny_llama_dir, tmp_path):
+    """The lifelong statistics are state: two runs (2 edits, then 1) write what one run with
+    turns of two writes."""
+    once = edit(str(tiny_llama_dir), write_jsonl(tmp_path / "all.jsonl", EDITS), tmp_path / "once", EditOptions(
+        method="ultraedit", config_file=str(runs / "ue.yaml"), evaluate=False, device="cpu", arrival=2))
+    assert [p["shard"] for p in once.placed] == [0, 0, 1]
+    one = safetensors.torch.load_file(str(tmp_path / "once" / "wise.safetensors"))
+    two = safetensors.torch.load_file(str(runs / "full2" / "wise.safetensors"))
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)

@@ -28,8 +28,9 @@ class UltraEditor:
 
     def prepare(self, negatives: list[str] | None, source: str) -> None:
         """The second moment of each edited layer's keys on unrelated text (the user's
-        negatives, else text the unedited model writes from neutral seeds): what the
-        preservation term keeps.  Measured per run, never stored: it is the model's."""
+        negatives, else text the unedited model writes from neutral seeds), read on the
+        unedited model: what the preservation term keeps.  Measured per run, never stored:
+        it is the base's, so a continued run measures what the first one did."""
         self.kept: dict[str, torch.Tensor] = {}
         if not self.cfg.preserve:
             return
@@ -40,7 +41,7 @@ class UltraEditor:
         for start in range(0, len(texts), self.cfg.batch_size):
             enc = self.tok(texts[start:start + self.cfg.batch_size], return_tensors="pt", padding=True,
                            return_token_type_ids=False).to(device)
-            with self._recording(enc["attention_mask"].bool(), keys, None), torch.no_grad():
+            with self._recording(enc["attention_mask"].bool(), keys, None), torch.no_grad(), self.weights.main_only():
                 self.model(**enc)
         self.kept = {p: second_moment(torch.cat(keys[p])) for p in self.weights.paths}
 
