@@ -1,4 +1,4 @@
-"""wise export: fold a side memory into the base weights, as a plain checkpoint or a GGUF."""
+"""wise export: a patched model as a plain checkpoint or a GGUF (a side memory folded in)."""
 from __future__ import annotations
 
 from enum import Enum
@@ -34,7 +34,8 @@ def export(
     dtype: DType = "float32",
     json_out: Json = False,
 ) -> None:
-    """Fold MODEL's side memory into its weights, for serving stacks that cannot run the router.
+    """Fold MODEL's side memory into its weights, for serving stacks that cannot run the router
+    (an ultraedit checkpoint's weights are edited already: it is written as it is).
 
     Every prompt then goes through the memory: the edits hold, and what it changes elsewhere is
     measured and printed (routed before, folded after).
