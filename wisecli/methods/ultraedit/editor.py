@@ -31,7 +31,7 @@ class UltraEditor:
         negatives, else text the unedited model writes from neutral seeds), read on the
         unedited model: what the preservation term keeps.  Measured per run, never stored:
         it is the base's, so a continued run measures what the first one did."""
-        self.kept: dict[str, torch.Tensor] = {}
+        self.kept = {}
         if not self.cfg.preserve:
             return
         texts = list(negatives or []) or generate_negatives(self.model, self.tok, self.weights, NEUTRAL_TEXTS,
