@@ -95,3 +95,24 @@ def test_a_module_that_is_not_a_linear_layer_is_refused(tiny_llama_dir):
         edited_modules(model, UltraEditConfig(modules=("model.layers.1.mlp",)))
     with pytest.raises(ConfigError, match="not found"):
         edited_modules(model, UltraEditConfig(modules=("model.layers.9.mlp.up_proj",)))
+
+
+def _second_turn_moves_first_keys(tiny_llama_dir, keep_edits: float) -> float:
+    """How far a second turn moves the edited layers' outputs at the first turn's keys."""
+    from wisecli.app.models import load_model
+    model, tok = load_model(tiny_llama_dir, torch.device("cpu"), torch.float32)
+    records = [EditRecord(id=e["id"], prompt=e["prompt"], target_new=e["target_new"]) for e in EDITS]
+    cfg = UltraEditConfig(learning_rate=1e-2, passes=1, preserve=0.0, keep_edits=keep_edits)
+    weights = EditedWeights(model, edited_modules(model, cfg))
+    editor = UltraEditor(model, tok, weights, cfg, None)
+    editor.apply(records[:2])
+    first = {p: weights.edited_moment(p).clone() for p in weights.paths}
+    shifts = {p: weights.shift(p).clone() for p in weights.paths}
+    editor.apply(records[2:])
+    # Σ over the first turn's keys k of ‖ΔW k‖², from their second moment: trace(ΔW M ΔWᵀ)
+    return sum(float(torch.trace((weights.shift(p) - shifts[p]) @ first[p] @ (weights.shift(p) - shifts[p]).T))
+               for p in weights.paths)
+
+
+def test_earlier_edits_keys_are_kept_by_later_turns(tiny_llama_dir):
+    assert _second_turn_moves_first_keys(tiny_llama_dir, 1.0) < 0.5 * _second_turn_moves_first_keys(tiny_llama_dir, 0.0)

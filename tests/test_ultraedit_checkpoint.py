@@ -72,8 +72,9 @@ def test_patch_only_and_embedded_checkpoints_continue_alike(runs):
     assert not (runs / "patch" / "model.safetensors").exists()
     full, patch = (safetensors.torch.load_file(str(runs / d / "wise.safetensors")) for d in ("full2", "patch2"))
     assert set(full) == set(patch) and any(k.startswith("shift.") for k in full)
-    for name in full:
-        torch.testing.assert_close(full[name], patch[name], rtol=0, atol=1e-6)
+    for name in full:  # the earlier edits' Σkkᵀ is large: its float32 sum differs by rounding
+        scale = max(1.0, float(full[name].abs().max())) if full[name].is_floating_point() else 1.0
+        torch.testing.assert_close(full[name], patch[name], rtol=0, atol=1e-6 * scale)
     a, b = open_model(str(runs / "full2"), device="cpu"), open_model(str(runs / "patch2"), device="cpu")
     torch.testing.assert_close(_logits(a.model, a.tokenizer), _logits(b.model, b.tokenizer), rtol=0, atol=1e-5)
     manifest = json.loads((runs / "full2" / "wise.json").read_text())

@@ -26,6 +26,7 @@ class UltraEditConfig:
     ridge: float = 1.0               # weight of ‖ΔW‖² in the least-squares solve
     passes: int = 3                  # closed-form steps per turn, each read on the model the last one left
     preserve: float = 30.0           # weight of unrelated text's keys in the solve, per edit position; 0: none
+    keep_edits: float = 1.0          # weight of earlier turns' edit keys in the solve; 0: none
     modules: tuple[str, ...] = ()    # dotted paths of the linear layers edited; () = the table above
     layers: tuple[int, ...] = ()     # blocks whose table modules are edited; () = the table's ranges
     batch_size: int = 16             # edits per forward/backward pass (memory only, not the result)
@@ -35,8 +36,10 @@ class UltraEditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"field '{name}': must be a number > 0, got {value!r}")
-        if not isinstance(self.preserve, (int, float)) or isinstance(self.preserve, bool) or not self.preserve >= 0:
-            raise ConfigError(f"field 'preserve': must be a number >= 0, got {self.preserve!r}")
+        for name in ("preserve", "keep_edits"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"field '{name}': must be a number >= 0, got {value!r}")
         for name in ("passes", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

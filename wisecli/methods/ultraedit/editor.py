@@ -49,16 +49,22 @@ class UltraEditor:
         """One turn of ``passes`` closed-form steps; each reads every edited layer's keys and
         output gradients at the answer positions on the model as the last step left it,
         advances its running statistics, and writes each layer's shift in place."""
+        # rows of like length share a batch: left padding is compute spent on nothing, and the
+        # solve reads the turn's rows as one set, so their order changes no shift
+        ordered = sorted(records, key=lambda r: len(r.prompt) + len(r.target_new))
         for step in range(self.cfg.passes):
             keys: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
             grads: dict[str, list[torch.Tensor]] = {p: [] for p in self.weights.paths}
-            for start in range(0, len(records), self.cfg.batch_size):
-                chunk = records[start:start + self.cfg.batch_size]
+            for start in range(0, len(ordered), self.cfg.batch_size):
+                chunk = ordered[start:start + self.cfg.batch_size]
                 self._read(chunk, keys, grads)
                 if progress is not None:
                     progress({"done": start + len(chunk), "shard": int(self.weights.n_turns), "step": step,
                               "loss": None})
-            self._write(step, {p: torch.cat(keys[p]) for p in keys}, {p: torch.cat(grads[p]) for p in grads})
+            read = {p: torch.cat(keys[p]) for p in keys}
+            self._write(step, read, {p: torch.cat(grads[p]) for p in grads})
+        for path, k in read.items():  # what later turns keep answering: this turn's keys as last read
+            self.weights.add_edited_keys(path, k)
         turn = int(self.weights.n_turns)
         self.weights.n_turns += 1
         self.n_edits += len(records)
@@ -71,10 +77,12 @@ class UltraEditor:
         # the positions whose output is read for an answer token: one before each
         at = torch.zeros_like(batch.labels, dtype=torch.bool)
         at[:, :-1] = batch.labels[:, 1:] != -100
+        keep = batch.logits_to_keep  # answers end every row: the LM head runs on those positions only
         with self._recording(at, keys, grads), torch.enable_grad():
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+                                position_ids=batch.position_ids, logits_to_keep=keep).logits
+            labels = batch.labels[:, -keep:]
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100, reduction="sum")
             loss.backward()
 
@@ -114,6 +122,10 @@ class UltraEditor:
             mean, var, _ = stats[shape_key(self.weights.linear(path))]
             kept = self.kept.get(path)
             kept = None if kept is None else kept * (self.cfg.preserve * keys[path].shape[0])
+            earlier = self.weights.edited_moment(path)
+            if earlier is not None and self.cfg.keep_edits:
+                earlier = earlier * self.cfg.keep_edits
+                kept = earlier if kept is None else kept + earlier
             delta = weight_shift(keys[path], grads[path], mean, var, self.cfg.learning_rate, self.cfg.ridge, kept)
             self.weights.add_shift(path, delta)
 

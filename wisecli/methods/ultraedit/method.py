@@ -23,7 +23,7 @@ from wisecli.methods.ultraedit.config import UltraEditConfig, edited_modules, fr
 from wisecli.methods.ultraedit.editor import UltraEditor
 from wisecli.methods.ultraedit.weights import EditedWeights
 
-STATISTIC = re.compile(r"(mean|var|count)_\d+_\d+x\d+")
+STATISTIC = re.compile(r"(mean|var|count)_\d+_\d+x\d+|edited_\d+")
 
 
 @dataclass(frozen=True)

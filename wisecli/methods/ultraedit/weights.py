@@ -60,8 +60,20 @@ class EditedWeights(nn.Module):
         self.register_buffer(f"var_{key}", var.detach().float().clone())
         self.register_buffer(f"count_{key}", torch.tensor(float(count)))
 
+    def edited_moment(self, path: str) -> torch.Tensor | None:
+        """Σ k kᵀ of the keys of every edit written into ``path`` in earlier turns (None: none yet)."""
+        return getattr(self, f"edited_{self.paths.index(path)}", None)
+
+    @torch.no_grad()
+    def add_edited_keys(self, path: str, keys: torch.Tensor) -> None:
+        keys = keys.float()
+        moment = self.edited_moment(path)
+        added = keys.T @ keys
+        self.register_buffer(f"edited_{self.paths.index(path)}", added if moment is None else moment + added)
+
     def statistics(self) -> dict[str, torch.Tensor]:
-        """What a later run continues from: the running moments and the number of turns."""
+        """What a later run continues from: the running moments, the earlier edits' keys and the
+        number of turns."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("original_", "shift_"))}
 
     @torch.no_grad()
