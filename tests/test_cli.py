@@ -93,8 +93,10 @@ def test_info_json_lists_the_edits(patched):
     assert info["verified"] is True and info["mode"] == "merge"
     assert info["target"]["layer"] == 3 and info["format_version"] == FORMAT_VERSION
     assert "edits" not in info["metrics"] and "reliability" in info["metrics"]
+    size = (out / "wise.safetensors").stat().st_size
+    assert info["state_bytes"] == size and info["state_bytes_per_edit"] == size // 3
     code, res = invoke("info", out)  # the table form runs too
-    assert code == 0 and "edits applied" in res.stdout
+    assert code == 0 and "edits applied" in res.stdout and "KiB per edit" in res.stdout
 
 
 def _check_metrics(report: dict) -> None:

@@ -31,8 +31,10 @@ def info(
     ckpt = read_patched(model, base, verify=verify)
     m = ckpt.manifest
     metrics = {k: v for k, v in (m.get("metrics") or {}).items() if k != "edits"}
+    state = _state_size(model, len(m["edits"]))
     if json_out:
-        console.print_json("info", {**m, "metrics": metrics, "base_dir": str(ckpt.base_dir), "verified": verify})
+        console.print_json("info", {**m, "metrics": metrics, "base_dir": str(ckpt.base_dir), "verified": verify,
+                                    **state})
         return
     t, r = m["target"], m["router"]
     console.out.print(summary_table(f"wise info {model}", {
@@ -40,6 +42,7 @@ def info(
         "base embedded": m["base"].get("embedded"), "model type": m["base"].get("model_type"),
         "method": m["method"], **_where(t),
         "mode": m["mode"], "edits applied": len(m["edits"]), "runs": len(m.get("runs", [])),
+        "state": f"{state['state_bytes'] / 2**20:.1f} MiB ({state['state_bytes_per_edit'] / 1024:.1f} KiB per edit)",
         **{k.replace("_", " "): ([round(x, 4) for x in v] if isinstance(v, list) else v) for k, v in r.items()},
         "tool version": m["tool"]["version"], "format version": m["format_version"],
         **{f"metric {k}": (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
@@ -53,3 +56,10 @@ def _where(target: dict) -> dict[str, str]:
         return {"module": target["module_path"], "layer": f"{target['layer']} of {target['n_layers']}"}
     return {"modules": f"{len(target['modules'])}: " + ", ".join(target["modules"]),
             "layers": f"{', '.join(map(str, target['layers']))} of {target['n_layers']}"}
+
+
+def _state_size(model: Path, n_edits: int) -> dict[str, int]:
+    """What the edits cost beside the base: ``wise.safetensors`` (side memories and router, or
+    shifts and statistics), the figure that grows, or not, as edits pile up."""
+    size = (model / "wise.safetensors").stat().st_size
+    return {"state_bytes": size, "state_bytes_per_edit": size // max(n_edits, 1)}
