@@ -92,6 +92,19 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + max(1, size)]
 
 
+def _by_length(pairs: list[tuple[str, str]]) -> list[int]:
+    """Indices of ``pairs`` shortest first: rows of like length share a batch, so left padding
+    costs little; every score is per row, so the order changes no figure."""
+    return sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+
+
+def _in_order(order: list[int], values: list) -> list:
+    out: list = [None] * len(order)
+    for i, v in zip(order, values):
+        out[i] = v
+    return out
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -129,7 +142,8 @@ def _teacher_forced(model, tok, mem: EditedLayer | None, pairs: list[tuple[str, 
     memories).
     """
     out: list[tuple[float | None, int | None, float | None]] = []
-    for chunk in _chunks(pairs, batch_size):
+    order = _by_length(pairs)
+    for chunk in _chunks([pairs[i] for i in order], batch_size):
         batch = encode_pairs(tok, [q for q, _ in chunk], [a for _, a in chunk]).to(_device(model))
         route: list[int | None] = [None] * len(chunk)
         if mem is None:
@@ -142,7 +156,7 @@ def _teacher_forced(model, tok, mem: EditedLayer | None, pairs: list[tuple[str, 
         labels = batch.kept_labels()
         out += list(zip(_shares(logits, labels), route, _perplexities(logits, labels)))
         tick(len(chunk))
-    return out
+    return _in_order(order, out)
 
 
 @torch.no_grad()
@@ -153,7 +167,8 @@ def _agreement(model, tok, mem: EditedLayer, pairs: list[tuple[str, str]],
     The unedited argmax becomes the label, so the comparison is ``target_accuracy`` itself.
     """
     out: list[float | None] = []
-    for chunk in _chunks(pairs, batch_size):
+    order = _by_length(pairs)
+    for chunk in _chunks([pairs[i] for i in order], batch_size):
         batch = encode_pairs(tok, [q for q, _ in chunk], [a for _, a in chunk]).to(_device(model))
         with mem.routing_on(batch.query_mask):
             edited = forward_logits(model, batch)
@@ -164,7 +179,7 @@ def _agreement(model, tok, mem: EditedLayer, pairs: list[tuple[str, str]],
         ref[:, 1:] = torch.where(labels[:, 1:] != -100, base[:, :-1].argmax(-1), -100)
         out += _shares(edited, ref)
         tick(len(chunk))
-    return out
+    return _in_order(order, out)
 
 
 @torch.no_grad()
