@@ -62,6 +62,8 @@ bench-quality: setup
 	$(UE) --dataset zsre --T 100 --offset 500 --use-sample 30
 	$(UE) --dataset knowedit-zsre --T 100 --use-sample 30
 	$(UE) --dataset zsre --T 100 --offset 500 --model gemma3-270m --use-sample 30
+	# ultraedit at scale (about 75 min): a release pipeline's arrivals of 100, to 10,000 edits
+	$(UE) --dataset counterfact --T 10000 --arrival 100 --use-sample 30
 
 clean:
 	rm -rf demo-out .pytest_cache
