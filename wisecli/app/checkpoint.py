@@ -7,7 +7,8 @@ read -- never pickle -- so a checkpoint from someone else cannot run code, and o
 checkpoints keep loading on newer PyTorch.
 
 ``wise.safetensors`` holds the ``SideMemoryLayer`` buffers (``wise_state``):
-  memories (K, d_out, d_in) f32   side memories as deltas D_k = W'_k - W, null-space projected
+  memory_up (K, d_out, r), memory_down (K, r, d_in) f16 (f32 where f16 is not exact)
+                                   side memories as factors of D_k = W'_k - W, null-space projected
   thresholds, min_edit_scores (K,) router threshold per memory, and the score it derives from
   scale () f32, basis (d_in, r) f32   score unit; directions side memories ignore
   edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys, the edit and the

@@ -2,9 +2,9 @@
 
 The file layout and its atomic write are in ``checkpoint.py``; this module owns the
 manifest's content.  Its schema is ``wisecli/app/data/manifest.schema.json`` (JSON Schema, every
-manifest read is validated against it); in short (format 3):
+manifest read is validated against it); in short (format 4):
 
-  format_version  3
+  format_version  4
   method          the editing method that wrote the state ("wise"; ``wisecli.methods``)
   tool            {name, version, torch}: what wrote it
   base            {origin, alias (when a built-in alias), model_type, path (where the base
@@ -26,7 +26,7 @@ manifest read is validated against it); in short (format 3):
   tensors         {name: {shape, dtype}} of wise.safetensors
 
 Compatibility: a manifest of any older format is upgraded in ``upgrade`` (one step per
-format version: 1 → 2 → 3) when it is read, so the rest of the code only ever sees the
+format version: 1 → 2 → 3 → 4) when it is read, so the rest of the code only ever sees the
 current one.  A tensor state is checked by its method (``Method.check_state``).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from wisecli import methods
 from wisecli.errors import CheckpointError, ConfigError
 from wisecli.runtime.maths import moment_factor
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # Format 1 grew over releases: a setting added later is missing from the manifests written
 # before it, and those checkpoints were routed as if it were off.
@@ -60,6 +60,8 @@ def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tup
         manifest, tensors = _from_v1(manifest, tensors)
     if manifest["format_version"] == 2:
         manifest = _from_v2(manifest)
+    if manifest["format_version"] == 3:
+        manifest, tensors = _from_v3(manifest, tensors)
     validate(manifest, where)
     try:
         method = methods.get(manifest["method"])
@@ -113,3 +115,20 @@ def _from_v2(manifest: dict) -> dict:
     """Format 2 → 3: the manifest names its editing method; every earlier one was WISE's."""
     manifest = {"format_version": 3, "method": "wise", **{k: v for k, v in manifest.items() if k != "format_version"}}
     return manifest
+
+
+def _from_v3(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Format 3 → 4: WISE's side memories are factors U V instead of full deltas D.  An
+    older memory is factored exactly, with an identity on its narrower side, so it gives
+    what it gave; memories written later are low-rank and padded to its width."""
+    manifest = {**manifest, "format_version": 4}
+    if manifest.get("method") != "wise" or "memories" not in tensors:
+        return manifest, tensors
+    full = tensors.pop("memories").float()
+    k, d_out, d_in = full.shape
+    if d_out <= d_in:
+        up, down = torch.eye(d_out).expand(k, d_out, d_out), full
+    else:
+        up, down = full, torch.eye(d_in).expand(k, d_in, d_in)
+    tensors["memory_up"], tensors["memory_down"] = up.contiguous(), down.contiguous()
+    return manifest, tensors

@@ -19,5 +19,5 @@ def get(name: str | None) -> Method:
     methods = registry()
     method = methods.get(name or DEFAULT)
     if method is None:
-        raise ConfigError(f"unknown editing method '{name}'", hint=f"one of: {', '.join(sorted(methods))}")
+        raise ConfigError(f"unknown editing method {name!r}", hint=f"one of: {', '.join(sorted(methods))}")
     return method

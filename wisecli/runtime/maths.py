@@ -73,6 +73,40 @@ def project_rows(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return delta - (delta @ basis) @ basis.T
 
 
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (d_out, r), V (r, d_in)) with U V the best rank-r approximation of ``delta``.
+
+    A merged side memory is a sum of gradient × activation products over its edits' tokens,
+    seen through random shard masks: the masks spread most of its energy thinly over every
+    direction, while what its edits read lies in a few (docs/experiments.md, 2026-12-07).
+    The singular values are split evenly between the factors and both are rounded to
+    float16 values, so a checkpoint stores them in 16 bits and loads exactly this memory.
+    """
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return (u[:, :r] * root).half().float(), (root[:, None] * vh[:r]).half().float()
+
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def fp8_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router keys (M, d_in) as float8 values and a power of two per key (M,) int16.
+
+    A key is read by its direction (the key gate's cosine) and, once per merge, by the
+    memory's score on it: float8's 3-bit mantissa moves a key's cosine with itself by under
+    0.001, and halves what a 7B model's keys cost per edit (4 × 11008 values)."""
+    top = keys.float().abs().amax(-1).clamp_min(1e-30)
+    exp = torch.ceil(torch.log2(top / FP8_MAX)).clamp(-120, 120)
+    return (keys.float() * torch.exp2(-exp)[:, None]).to(torch.float8_e4m3fn), exp.to(torch.int16)
+
+
+def from_fp8_keys(values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """The keys ``fp8_keys`` encoded, float32."""
+    return values.float() * torch.exp2(exponents.float())[:, None]
+
+
 def common_basis(acts: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of (N, d_in) activations, as a (d_in, r) basis."""
     rank = min(rank, acts.shape[0], acts.shape[1])

@@ -20,12 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import CacheRefresher, cache_of
-from .maths import pool_scores, project_out, token_scores
+from .maths import fp8_keys, from_fp8_keys, pool_scores, project_out, token_scores
 from .generation import Generation, Generations
 from .router import RouteContext, Router, RouterConfig
 
-# Buffers every checkpoint holds, and their dtypes (the rest are float32).
-STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
+# Buffers every checkpoint holds, and their dtypes as the layer holds them (a checkpoint may
+# store the factors in float16: ``stored_state``).
+STATE_DTYPES = {"memory_up": torch.float32, "memory_down": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
                 "scale": torch.float32, "basis": torch.float32, "edit_keys": torch.float16,
                 "key_edit": torch.long, "key_memory": torch.long, "replay_factor": torch.float32,
                 "replay_count": torch.float32}
@@ -43,9 +44,11 @@ class TrainScores:
 class SideMemoryLayer(nn.Module):
     """``y = W a`` (main memory) or ``y = W a + D_k a`` (side memory k), chosen per example.
 
-    Side memories are deltas ``D_k = W'_k - W`` in float32: the router score is ``‖D_k a‖``
-    anyway, so storing the delta costs one matmul instead of two, and keeps the optimiser's
-    precision when the base runs in bf16.
+    Side memories are deltas ``D_k = W'_k - W``, held as factors ``D_k = U_k V_k`` of rank
+    r (``memory_up`` (K, d_out, r), ``memory_down`` (K, r, d_in), float32; memories of a
+    lower rank are padded with zeros): the router score is ``‖D_k a‖`` anyway, so the delta
+    costs two thin matmuls instead of two full ones, keeps the optimiser's precision when
+    the base runs in bf16, and a 7B model's memory of 100 edits is megabytes, not 180 MB.
     """
 
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
@@ -54,7 +57,7 @@ class SideMemoryLayer(nn.Module):
         self.base_layer, self.kind = base_layer, kind
         self.in_features, self.out_features = in_features, out_features
         dev = next(base_layer.parameters()).device
-        empty = {"memories": (0, out_features, in_features), "thresholds": (0,), "min_edit_scores": (0,),
+        empty = {"memory_up": (0, out_features, 0), "memory_down": (0, 0, in_features), "thresholds": (0,), "min_edit_scores": (0,),
                  "scale": (), "basis": (in_features, 0), "edit_keys": (0, in_features), "key_edit": (0,),
                  "key_memory": (0,), "replay_factor": (0, 0), "replay_count": ()}
         for name, shape in empty.items():
@@ -83,8 +86,10 @@ class SideMemoryLayer(nn.Module):
     def load_wise_state(self, state: dict[str, torch.Tensor],
                         subjects: Sequence[tuple[int, str | None]] = (),
                         targets: Sequence[tuple[int, str]] = ()) -> None:
-        """Restore every buffer (``manifest.upgrade_state`` has filled what older checkpoints lack)."""
-        dev = self.memories.device
+        """Restore every buffer from the layer's state or a checkpoint's (``stored_state``;
+        ``manifest.upgrade`` has filled what older checkpoints lack)."""
+        dev = self.memory_up.device
+        state = runtime_state(state)
         for name, dtype in STATE_DTYPES.items():
             setattr(self, name, state[name].to(device=dev, dtype=dtype).clone())
         self.edit_subjects = [(int(k), s) for k, s in subjects]
@@ -96,7 +101,16 @@ class SideMemoryLayer(nn.Module):
 
     @property
     def n_memories(self) -> int:
-        return int(self.memories.shape[0])
+        return int(self.memory_up.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """The factors' width (the highest rank of any memory)."""
+        return int(self.memory_up.shape[2])
+
+    def memory(self, k: int) -> torch.Tensor:
+        """D_k as one (d_out, d_in) float32 matrix."""
+        return self.memory_up[k] @ self.memory_down[k]
 
     @property
     def last_route(self) -> torch.Tensor | None:
@@ -120,19 +134,24 @@ class SideMemoryLayer(nn.Module):
     # ---- what editing changes ------------------------------------------------------------
     def calibrate(self, scale: float, basis: torch.Tensor) -> None:
         """The score unit and the null-space basis, measured once per model on neutral text."""
-        self.scale = torch.tensor(float(scale), device=self.memories.device)
-        self.basis = basis.to(device=self.memories.device, dtype=torch.float32)
+        self.scale = torch.tensor(float(scale), device=self.memory_up.device)
+        self.basis = basis.to(device=self.memory_up.device, dtype=torch.float32)
 
-    def add_memory(self, delta: torch.Tensor) -> int:
-        """A new side memory (threshold set by ``set_threshold``); returns its index."""
-        dev = self.memories.device
-        self.memories = torch.cat([self.memories, delta[None].to(dev)])
+    def add_memory(self, up: torch.Tensor, down: torch.Tensor) -> int:
+        """A new side memory D = up @ down (threshold set by ``set_threshold``); returns its index."""
+        dev = self.memory_up.device
+        rank = max(self.rank, up.shape[1])
+        self.memory_up = torch.cat([_widened(self.memory_up, rank, 2), _widened(up[None].to(dev), rank, 2)])
+        self.memory_down = torch.cat([_widened(self.memory_down, rank, 1), _widened(down[None].to(dev), rank, 1)])
         self.min_edit_scores = torch.cat([self.min_edit_scores, torch.full((1,), float("inf"), device=dev)])
         self.thresholds = torch.cat([self.thresholds, torch.zeros(1, device=dev)])
         return self.n_memories - 1
 
-    def replace_memory(self, k: int, delta: torch.Tensor) -> None:
-        self.memories[k] = delta
+    def replace_memory(self, k: int, up: torch.Tensor, down: torch.Tensor) -> None:
+        rank = max(self.rank, up.shape[1])
+        self.memory_up, self.memory_down = _widened(self.memory_up, rank, 2), _widened(self.memory_down, rank, 1)
+        self.memory_up[k] = _widened(up[None], rank, 2)[0]
+        self.memory_down[k] = _widened(down[None], rank, 1)[0]
 
     def set_threshold(self, k: int, min_edit_score: torch.Tensor, act_ratio: float) -> None:
         self.min_edit_scores[k] = min_edit_score
@@ -141,10 +160,11 @@ class SideMemoryLayer(nn.Module):
     def add_keys(self, acts: torch.Tensor, real: torch.Tensor, k: int) -> None:
         """Router keys of new edits held by memory k: acts (E, n, d_in), real (E, n) bool
         (filler where a prompt has fewer tokens).  Edits are numbered on from the last."""
-        dev = self.memories.device
+        dev = self.memory_up.device
         first = int(self.key_edit.max()) + 1 if self.key_edit.numel() else 0
         owner = torch.arange(first, first + acts.shape[0], device=dev)[:, None].expand_as(real)
-        self.edit_keys = torch.cat([self.edit_keys, acts[real].to(self.edit_keys.dtype)])
+        keys = from_fp8_keys(*fp8_keys(acts[real]))  # what a checkpoint stores, exactly
+        self.edit_keys = torch.cat([self.edit_keys, keys.to(self.edit_keys.dtype)])
         self.key_edit = torch.cat([self.key_edit, owner[real]])
         self.key_memory = torch.cat([self.key_memory, torch.full((int(real.sum()),), k, device=dev)])
 
@@ -155,8 +175,8 @@ class SideMemoryLayer(nn.Module):
 
     def set_replay(self, factor: torch.Tensor, count: float) -> None:
         """Merge mode's replay factor (``maths.replay_factor``); empty for a fresh memory."""
-        self.replay_factor = factor.to(self.memories.device)
-        self.replay_count = torch.tensor(float(count), device=self.memories.device)
+        self.replay_factor = factor.to(self.memory_up.device)
+        self.replay_count = torch.tensor(float(count), device=self.memory_up.device)
 
     # ---- per call ------------------------------------------------------------------------
     def begin_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -232,7 +252,7 @@ class SideMemoryLayer(nn.Module):
             return self._train_forward(a, out)
         if not self._enabled or self.n_memories == 0:
             return out
-        delta_out = _Outputs(a.float(), self.memories)  # stored memories are already projected
+        delta_out = _Outputs(a.float(), self.memory_up, self.memory_down)  # already projected
         route = self.router.route(delta_out.a32, self._ctx, self, delta_out)
         return out + self._apply(route, delta_out, out).to(out.dtype)
 
@@ -254,14 +274,51 @@ class SideMemoryLayer(nn.Module):
 class _Outputs:
     """D_k a for one input, computed at most once per memory and only when asked for."""
 
-    def __init__(self, a32: torch.Tensor, memories: torch.Tensor) -> None:
-        self.a32, self.memories = a32, memories
+    def __init__(self, a32: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.a32, self.up, self.down = a32, up, down
         self._done: dict[int, torch.Tensor] = {}
 
     def __call__(self, k: int) -> torch.Tensor:
         if k not in self._done:
-            self._done[k] = F.linear(self.a32, self.memories[k])
+            self._done[k] = F.linear(F.linear(self.a32, self.down[k]), self.up[k])
         return self._done[k]
+
+
+def _widened(factors: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Factors padded with zeros along ``dim`` to ``rank``: the product is unchanged."""
+    short = rank - factors.shape[dim]
+    if short <= 0:
+        return factors
+    pad = list(factors.shape)
+    pad[dim] = short
+    return torch.cat([factors, factors.new_zeros(pad)], dim=dim)
+
+
+def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's buffers as a checkpoint stores them, losslessly: the factors in float16
+    and the keys in float8 with a power of two per key (``key_exponents``) where those hold
+    them exactly (``maths.low_rank`` and ``add_keys`` round them so), else as they are."""
+    out = dict(state)
+    for name in ("memory_up", "memory_down"):
+        half = state[name].half()
+        if torch.equal(half.float(), state[name]):
+            out[name] = half
+    values, exponents = fp8_keys(state["edit_keys"])
+    if torch.equal(from_fp8_keys(values, exponents).to(state["edit_keys"].dtype), state["edit_keys"]):
+        out["edit_keys"], out["key_exponents"] = values, exponents
+    return out
+
+
+def runtime_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``stored_state``'s inverse: the factors and keys in the layer's dtypes."""
+    state = dict(stored)
+    exponents = state.pop("key_exponents", None)
+    if exponents is not None:
+        state["edit_keys"] = from_fp8_keys(state["edit_keys"], exponents).to(STATE_DTYPES["edit_keys"])
+    for name in ("memory_up", "memory_down"):
+        if name in state:
+            state[name] = state[name].to(STATE_DTYPES[name])
+    return state
 
 
 def _is_decode_step(kwargs: dict) -> bool:

@@ -21,9 +21,10 @@ from wisecli.records import EditRecord
 from wisecli.errors import TrainingDiverged
 from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
-from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
+from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, low_rank, merge_ties,
+                    min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
-from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.memory import SideMemoryLayer, stored_state
 from wisecli.runtime.router import RouterConfig
 from wisecli.methods.wise.recorded import StopForward
 from wisecli.methods.wise.train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard
@@ -67,7 +68,7 @@ class WiseEditor:
         self.model, self.tok, self.mem, self.blocks, self.layer = model, tokenizer, mem, blocks, layer
         self.cfg = cfg
         self.state = state or EditorState()
-        self.device = mem.memories.device
+        self.device = mem.memory_up.device
         self._rank = embedding_ranker(model, tokenizer)
         mem.configure(RouterConfig.from_config(cfg))
         # The benchmark's full-forward reference loop (``bench.reference``); editing never has one.
@@ -87,8 +88,8 @@ class WiseEditor:
         self.state = EditorState.from_dict(copy.deepcopy(snap[3]))
 
     def saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The layer's buffers and the JSON half (``EditorState``): what a later run restores."""
-        return dict(self.mem.wise_state()), self.state.to_dict()
+        """The layer's buffers as stored and the JSON half (``EditorState``): what a later run restores."""
+        return stored_state(self.mem.wise_state()), self.state.to_dict()
 
     # ---- one-time preparation --------------------------------------------------
     def prepare(self, negatives: list[str] | None = None, source: str = "generated") -> None:
@@ -199,7 +200,7 @@ class WiseEditor:
 
     def _start_delta(self, fold: bool) -> torch.Tensor:
         if fold:
-            return self.mem.memories[-1].clone()
+            return self.mem.memory(-1)
         if self.cfg.mode == "merge":  # a new memory: earlier edits live elsewhere, nothing to replay
             self.mem.set_replay(torch.zeros(0, 0), 0.0)
         return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
@@ -271,13 +272,15 @@ class WiseEditor:
         The memory's threshold is then re-measured over every edit it holds, under the memory
         as it is now: each merge raises all its scores."""
         cfg, mem = self.cfg, self.mem
-        new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
+        up, down = low_rank(project_rows(start + merge_ties([r.delta for r in results]), mem.basis),
+                            cfg.memory_rank)
         if fold:
             k = mem.n_memories - 1
-            mem.replace_memory(k, new)
+            mem.replace_memory(k, up, down)
         else:
-            k = mem.add_memory(new)
+            k = mem.add_memory(up, down)
             self.state.memory_edit_counts.append(0)
+        new = mem.memory(k)  # what the memory holds from now on: thresholds and keys are read under it
         self._add_keys(edits, k, new)
         sel = mem.key_memory == k
         mem.set_threshold(k, min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new, mem.scale,

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 
 from wisecli.errors import CheckpointError
-from wisecli.runtime.memory import STATE_DTYPES
+from wisecli.runtime.memory import STATE_DTYPES, runtime_state
+
+# What a checkpoint may store instead of the layer's dtype (``memory.stored_state``).
+STORED_DTYPES = {"memory_up": (torch.float32, torch.float16), "memory_down": (torch.float32, torch.float16),
+                 "edit_keys": (torch.float16, torch.float8_e4m3fn)}
 
 
 def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -20,6 +24,8 @@ def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) ->
     A state that cannot route is an error here, never the unedited model later."""
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{where}: {message}", hint="the checkpoint is damaged; re-create it with wise edit")
+    _check_stored(tensors, bad)
+    tensors = runtime_state(tensors)
     missing, extra = sorted(set(STATE_DTYPES) - set(tensors)), sorted(set(tensors) - set(STATE_DTYPES))
     if missing or extra:
         raise bad(f"tensor '{(missing or extra)[0]}' is {'missing' if missing else 'not one wise writes'}")
@@ -34,19 +40,35 @@ def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) ->
     _check_indices(manifest, tensors, bad)
 
 
+def _check_stored(tensors: dict[str, torch.Tensor], bad: Any) -> None:
+    """The storage forms ``runtime_state`` reads: 16-bit factors, float8 keys with their
+    powers of two."""
+    for name, stored in STORED_DTYPES.items():
+        if name in tensors and tensors[name].dtype not in stored:
+            raise bad(f"tensor '{name}' is {tensors[name].dtype}, expected one of "
+                      f"{', '.join(str(d) for d in stored)}")
+    fp8, exponents = tensors.get("edit_keys"), tensors.get("key_exponents")
+    if (fp8 is not None and fp8.dtype == torch.float8_e4m3fn) != (exponents is not None):
+        raise bad("tensors 'edit_keys' and 'key_exponents': float8 keys need their exponents, and only they")
+    if exponents is not None and (exponents.dtype != torch.int16 or tuple(exponents.shape) != (fp8.shape[0],)):
+        raise bad(f"tensor 'key_exponents' must be int16 of shape [{fp8.shape[0]}]")
+
+
 def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     d_in, d_out = target["in_features"], target["out_features"]
-    k, m = int(t["memories"].shape[0]) if t["memories"].dim() else -1, int(t["edit_keys"].shape[0])
+    up = t["memory_up"]
+    k, m = int(up.shape[0]) if up.dim() == 3 else -1, int(t["edit_keys"].shape[0])
+    width = int(up.shape[2]) if up.dim() == 3 else -1
     rank = int(t["basis"].shape[1]) if t["basis"].dim() == 2 else -1
     replay = int(t["replay_factor"].shape[1]) if t["replay_factor"].dim() == 2 else -1
-    return {"memories": (k, d_out, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
+    return {"memory_up": (k, d_out, width), "memory_down": (k, width, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
             "basis": (d_in, max(rank, 0)) if rank <= d_in else (d_in, d_in), "edit_keys": (m, d_in),
             "key_edit": (m,), "key_memory": (m,), "replay_count": (),
             "replay_factor": (0, 0) if replay <= 0 and t["replay_factor"].numel() == 0 else (d_in, max(replay, 0))}
 
 
 def _check_indices(manifest: dict, t: dict[str, torch.Tensor], bad: Any) -> None:
-    k = int(t["memories"].shape[0])
+    k = int(t["memory_up"].shape[0])
     if float(t["scale"]) <= 0:
         raise bad("tensor 'scale' must be > 0")
     if t["key_memory"].numel() and not (0 <= int(t["key_memory"].min()) and int(t["key_memory"].max()) < k):
