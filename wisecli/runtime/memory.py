@@ -175,7 +175,7 @@ class SideMemoryLayer(nn.Module):
 
     def set_replay(self, factor: torch.Tensor, count: float) -> None:
         """Merge mode's replay factor (``maths.replay_factor``); empty for a fresh memory."""
-        self.replay_factor = factor.to(self.memory_up.device)
+        self.replay_factor = factor.to(self.memory_up.device).half().float()  # stored in 16 bits, exactly
         self.replay_count = torch.tensor(float(count), device=self.memory_up.device)
 
     # ---- per call ------------------------------------------------------------------------
@@ -294,12 +294,16 @@ def _widened(factors: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     return torch.cat([factors, factors.new_zeros(pad)], dim=dim)
 
 
+HALVES = ("memory_up", "memory_down", "replay_factor")  # float32 buffers a checkpoint stores in float16
+
+
 def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The layer's buffers as a checkpoint stores them, losslessly: the factors in float16
     and the keys in float8 with a power of two per key (``key_exponents``) where those hold
-    them exactly (``maths.low_rank`` and ``add_keys`` round them so), else as they are."""
+    them exactly (``maths.low_rank``, ``add_keys`` and ``set_replay`` round them so), else as
+    they are."""
     out = dict(state)
-    for name in ("memory_up", "memory_down"):
+    for name in HALVES:
         half = state[name].half()
         if torch.equal(half.float(), state[name]):
             out[name] = half
@@ -315,7 +319,7 @@ def runtime_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     exponents = state.pop("key_exponents", None)
     if exponents is not None:
         state["edit_keys"] = from_fp8_keys(state["edit_keys"], exponents).to(STATE_DTYPES["edit_keys"])
-    for name in ("memory_up", "memory_down"):
+    for name in HALVES:
         if name in state:
             state[name] = state[name].to(STATE_DTYPES[name])
     return state

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from wisecli.errors import CheckpointError
-from wisecli.runtime.memory import STATE_DTYPES, runtime_state
+from wisecli.runtime.memory import HALVES, STATE_DTYPES, runtime_state
 
 # What a checkpoint may store instead of the layer's dtype (``memory.stored_state``).
-STORED_DTYPES = {"memory_up": (torch.float32, torch.float16), "memory_down": (torch.float32, torch.float16),
+STORED_DTYPES = {**{name: (torch.float32, torch.float16) for name in HALVES},
                  "edit_keys": (torch.float16, torch.float8_e4m3fn)}
 
 
@@ -41,8 +41,8 @@ def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) ->
 
 
 def _check_stored(tensors: dict[str, torch.Tensor], bad: Any) -> None:
-    """The storage forms ``runtime_state`` reads: 16-bit factors, float8 keys with their
-    powers of two."""
+    """The storage forms ``runtime_state`` reads: 16-bit factors and replay factor, float8
+    keys with their powers of two."""
     for name, stored in STORED_DTYPES.items():
         if name in tensors and tensors[name].dtype not in stored:
             raise bad(f"tensor '{name}' is {tensors[name].dtype}, expected one of "
