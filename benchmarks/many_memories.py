@@ -40,8 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     sess = open_model(args.model, device=args.device)
     mem, tok, model = sess.mem, sess.tokenizer, sess.model
-    dev = mem.memory_up.device
-    k, rank = max(args.memories, len(ROUTED)), WiseConfig().memory_rank
+    dev = mem.memories.device
+    k = max(args.memories, len(ROUTED))
     gen = torch.Generator().manual_seed(0)
     seen: list[torch.Tensor] = []
     handle = mem.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
@@ -51,8 +51,7 @@ def main() -> None:
     handle.remove()
     keys = torch.cat([seen[0][:, -1].float().cpu(), torch.randn(4 * k - len(ROUTED), mem.in_features, generator=gen)])
     state = {**mem.wise_state(),
-             "memory_up": torch.randn(k, mem.out_features, rank, generator=gen) * 1e-2,
-             "memory_down": torch.randn(k, rank, mem.in_features, generator=gen) * 1e-2,
+             "memories": torch.randn(k, mem.out_features, mem.in_features, generator=gen) * 1e-4,
              "thresholds": torch.zeros(k), "min_edit_scores": torch.zeros(k), "edit_keys": keys,
              "key_edit": torch.arange(4 * k),  # one key per edit: coverage is the key's own cosine
              "key_memory": torch.cat([torch.arange(len(ROUTED)), torch.arange(len(ROUTED), 4 * k) % k])}

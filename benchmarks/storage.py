@@ -2,9 +2,9 @@
 
 Builds the state ``wise edit``'s defaults leave after T edits (one memory per
 ``edits_per_memory``, ``keys_per_edit`` router keys per edit, the basis and the replay
-factor) at the FFN output projection of a model it never loads, and serialises it the way
-``wise.safetensors`` is written (``memory.stored_state``, then safetensors) — and the same
-state in format 3's form (full float32 deltas, float16 keys) beside it:
+factor) at the FFN output projection of a model it never loads, in the dtypes
+``wise.safetensors`` stores (``memory.stored_state``), and in format 3's (float32 memories
+and replay factor, float16 keys) beside it:
 
     python benchmarks/storage.py --shape llama-2-7b --T 1000 10000
     python benchmarks/storage.py --shape smollm2-135m --T 1000
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import safetensors.torch
 import torch
 
 from wisecli.methods.wise.config import WiseConfig
+from wisecli.runtime.maths import fp8_keys, from_fp8_keys
 from wisecli.runtime.memory import stored_state
 
 # FFN output projection (d_out, d_in) of each shape.
@@ -31,19 +31,18 @@ def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, full: bool) -> dict[st
     """The layer's buffers after ``t`` edits in merge mode (``full``: format 3's deltas)."""
     k = -(-t // cfg.edits_per_memory)
     m = t * cfg.keys_per_edit
-    rank = min(cfg.memory_rank, d_out, d_in)
     keys = torch.randn(m, d_in).half()
     tensors = {"thresholds": torch.ones(k), "min_edit_scores": torch.ones(k), "scale": torch.ones(()),
                "basis": torch.zeros(d_in, cfg.null_space_rank),
                "key_edit": torch.arange(m) // cfg.keys_per_edit, "key_memory": torch.zeros(m, dtype=torch.long),
                "replay_factor": torch.randn(d_in, min(cfg.replay_rank, d_in)).half().float(),
                "replay_count": torch.ones(())}
-    if full:  # only its size is read: (k, d_out, d_in) float32 would not fit in memory at T=10,000
-        return {**tensors, "memories": torch.zeros(1, 1, 1).expand(k, d_out, d_in), "edit_keys": keys}
-    from wisecli.runtime.maths import fp8_keys, from_fp8_keys
-    return stored_state({**tensors, "memory_up": torch.randn(k, d_out, rank).half().float(),
-                         "memory_down": torch.randn(k, rank, d_in).half().float(),
-                         "edit_keys": from_fp8_keys(*fp8_keys(keys)).half()})
+    # only the sizes are read: (k, d_out, d_in) would not fit in memory at T=10,000
+    memories = torch.zeros(1, 1, 1).expand(k, d_out, d_in)
+    if full:
+        return {**tensors, "memories": memories, "edit_keys": keys}
+    stored = stored_state({**tensors, "memories": torch.zeros(k, 1, 1), "edit_keys": from_fp8_keys(*fp8_keys(keys)).half()})
+    return {**stored, "memories": memories.half()}
 
 
 def main() -> None:
@@ -53,12 +52,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg, (d_out, d_in) = WiseConfig(), SHAPES[args.shape]
     for t in args.T:
-        row = {"shape": args.shape, "T": t, "memory_rank": cfg.memory_rank}
+        row = {"shape": args.shape, "T": t}
         for name, full in (("format_3", True), ("stored", False)):
             tensors = state(d_out, d_in, t, cfg, full)
             parts = {n: v.numel() * v.element_size() for n, v in tensors.items()}
-            # the file as written; format 3's as the sum of its tensors (headers are a few KB)
-            size = sum(parts.values()) if full else len(safetensors.torch.save(tensors))
+            size = sum(parts.values())  # what the file holds, less its header (a few KB)
             row[name] = {"bytes": size, "bytes_per_edit": size // t,
                          "largest": sorted(parts, key=parts.get, reverse=True)[:3]}
             del tensors

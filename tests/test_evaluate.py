@@ -84,8 +84,7 @@ EDITS = [
 def set_memory(mem: SideMemoryLayer, threshold: float, size: float = 5.0) -> None:
     """One random side memory; threshold 0 routes every prompt to it, a huge one none."""
     gen = torch.Generator().manual_seed(1)
-    mem.memory_up = size * torch.randn(1, mem.out_features, mem.in_features, generator=gen)
-    mem.memory_down = torch.eye(mem.in_features)[None]
+    mem.memories = size * torch.randn(1, mem.out_features, mem.in_features, generator=gen)
     mem.thresholds = torch.tensor([threshold])
     mem.min_edit_scores = torch.tensor([max(threshold, 1.0)])
 

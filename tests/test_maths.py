@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from wisecli.runtime.maths import (
     fp8_keys,
     from_fp8_keys,
-    low_rank,
     counted_tokens,
     activation_score,
     margin_loss,
@@ -236,22 +235,6 @@ def test_replay_factor_keeps_the_largest_directions_at_low_rank():
     assert factor.shape == (8, 1)
     moment = tokens.T @ tokens / 200
     assert (factor @ factor.T - moment).norm() / moment.norm() < 1e-3
-
-def test_low_rank_is_the_best_rank_r_approximation_in_float16_values():
-    gen = torch.Generator().manual_seed(0)
-    signal = torch.randn(12, 3, generator=gen) @ torch.randn(3, 20, generator=gen)
-    delta = signal + 1e-3 * torch.randn(12, 20, generator=gen)
-    up, down = low_rank(delta, 3)
-    assert up.shape == (12, 3) and down.shape == (3, 20)
-    for factor in (up, down):  # what a checkpoint stores in 16 bits, exactly
-        assert torch.equal(factor.half().float(), factor)
-    u, sv, vh = torch.linalg.svd(delta)
-    best = (u[:, :3] * sv[:3]) @ vh[:3]
-    assert (up @ down - best).norm() < 1e-3 * best.norm()
-    assert (up @ down - delta).norm() < 2e-2 * delta.norm()
-    wide, _ = low_rank(delta, 50)  # never wider than the matrix
-    assert wide.shape == (12, 12)
-
 
 def test_float8_keys_keep_their_direction_over_any_scale():
     gen = torch.Generator().manual_seed(0)

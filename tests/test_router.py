@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 from wisecli.runtime.maths import activation_score
 from wisecli.runtime.memory import SideMemoryLayer
-
-from wise_support import as_factors
 from wisecli.runtime.router import (NO_MEMORY, SELECTIVE_FROM, RouterConfig, choose_memory, key_coverage,
                                  key_similarity)
 
@@ -22,8 +20,6 @@ PLAIN = RouterConfig.plain()  # scores alone, mean pooling: what an unconfigured
 def _layer(d_in: int, d_out: int, routing: RouterConfig = PLAIN, **state: torch.Tensor) -> SideMemoryLayer:
     """A layer over a random projection with hand-set state, loaded the way a checkpoint is."""
     mem = SideMemoryLayer(torch.nn.Linear(d_in, d_out, bias=False), "linear", d_in, d_out)
-    if "memories" in state:
-        state.update(as_factors(state.pop("memories")))
     mem.load_wise_state({**mem.wise_state(), **state})
     mem.configure(routing)
     return mem
@@ -177,7 +173,7 @@ def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     out = mem(a)
     mem.end_call(cache)
     # the reference: every memory's output and score, the gate, then top-1 routing
-    deltas = torch.stack([F.linear(a, mem.memory(k)) for k in range(k_mem)])
+    deltas = torch.stack([F.linear(a, mem.memories[k]) for k in range(k_mem)])
     sims = key_similarity(a, mask, F.normalize(mem.edit_keys.float(), dim=-1), mem.key_memory, k_mem)
     scores = torch.stack([activation_score(d, mask) for d in deltas])
     scores = torch.where(sims >= 0.9, scores, torch.zeros_like(scores))
@@ -191,7 +187,7 @@ def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     mem.begin_call(None, mask, decoding=True, cache=cache)
     step = torch.randn(5, 1, d_in)
     want = mem.base_layer(step) + torch.stack(
-        [F.linear(step[i], mem.memory(r)) if r >= 0 else torch.zeros(1, d_out) for i, r in enumerate(route.tolist())])
+        [F.linear(step[i], mem.memories[r]) if r >= 0 else torch.zeros(1, d_out) for i, r in enumerate(route.tolist())])
     torch.testing.assert_close(mem(step), want)
 
 

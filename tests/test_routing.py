@@ -16,7 +16,7 @@ from wisecli.batching import encode_pairs
 from wisecli.app.session import open_model
 from wisecli.runtime.router import NO_MEMORY
 
-from wise_support import arch, as_factors, logits as _logits, model_dir  # noqa: F401
+from wise_support import arch, logits as _logits, model_dir  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,8 +41,6 @@ def _hand_set_memory(sess, a: str, b: str) -> tuple[float, float]:
 
 def _set(mem, subjects=None, **tensors) -> None:
     """Hand-set state, loaded the way a checkpoint's is."""
-    if "memories" in tensors:
-        tensors.update(as_factors(tensors.pop("memories")))
     mem.load_wise_state({**mem.wise_state(), **tensors},
                         mem.edit_subjects if subjects is None else subjects)
 

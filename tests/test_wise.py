@@ -64,10 +64,9 @@ def test_zero_memories_is_the_unwrapped_model(model_dir):
 def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
-    assert set(state) == {"memory_up", "memory_down", "thresholds", "min_edit_scores", "scale", "basis",
+    assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
                           "edit_keys", "key_edit", "key_memory", "replay_factor", "replay_count"}
-    assert tuple(state["memory_up"].shape) == (0, sess.mem.out_features, 0)
-    assert tuple(state["memory_down"].shape) == (0, 0, sess.mem.in_features)
+    assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
             and k.startswith(sess.target.module_path)}
@@ -275,8 +274,9 @@ def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
     out = tmp_path / "patched"
     manifest = after_run(sess, cfg, editor.state.to_dict(), RECORDS, placed, None, "edits.jsonl", 1.0)
     tensors, _ = editor.saved()
-    # the memory's factors are float16 values held in float32: stored in 16 bits, exactly
-    assert tensors["memory_up"].dtype == tensors["memory_down"].dtype == torch.float16
+    # the memory and replay factor are float16 values held in float32, the keys float8 values
+    # held in float16: stored in 16 and 8 bits, exactly (the equality below)
+    assert tensors["memories"].dtype == tensors["replay_factor"].dtype == torch.float16
     assert tensors["edit_keys"].dtype == torch.float8_e4m3fn and tensors["key_exponents"].dtype == torch.int16
     write_checkpoint(out, base_dir=sess.base_dir, tensors=tensors, manifest=manifest)
     assert {"wise.json", "wise.safetensors", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
@@ -299,20 +299,6 @@ def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
     # the subject gate's half: each edit's subject and memory, from the manifest
     assert again.mem.router.cfg == RouterConfig.from_config(cfg)
     assert again.mem.edit_subjects == sess.mem.edit_subjects == [(0, None)] * len(RECORDS)
-
-
-def test_a_memory_is_kept_at_its_rank_and_still_answers(model_dir):
-    """memory_rank cuts each merged memory to its leading directions; the threshold is
-    measured under the cut memory, so its edits still route to it."""
-    sess = open_model(str(model_dir), device="cpu")
-    cfg = WiseConfig(**{**LEARN, "memory_rank": 3})
-    editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
-    editor.prepare()
-    editor.apply(RECORDS)
-    assert sess.mem.memory_up.shape[2] == 3 and sess.mem.memory_down.shape[1] == 3
-    assert int(torch.linalg.matrix_rank(sess.mem.memory(0))) <= 3
-    assert all(int(_route(sess, r.prompt)) == 0 for r in RECORDS)
-    assert int(_route(sess, UNEDITED)) == NO_MEMORY
 
 
 # ---- retrieve mode -------------------------------------------------------------------
@@ -342,13 +328,13 @@ def test_merge_mode_opens_a_new_memory_when_one_is_full(model_dir):
     editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
     editor.prepare()
     placed = editor.apply(RECORDS[:2])
-    full = sess.mem.memory(0)
+    full = sess.mem.memories[0].clone()
     two_edits_tokens = float(sess.mem.replay_count)
     placed += editor.apply(RECORDS[2:3])
     assert [p["memory"] for p in placed] == [0, 0, 1]
     assert editor.state.memory_edit_counts == [2, 1]
     assert sess.mem.n_memories == 2 and sess.mem.thresholds.shape == (2,)
-    torch.testing.assert_close(sess.mem.memory(0), full)  # the full memory is left as it was
+    torch.testing.assert_close(sess.mem.memories[0], full)  # the full memory is left as it was
     assert 0 < float(sess.mem.replay_count) < two_edits_tokens
     assert sess.mem.key_memory.tolist()[-1] == 1
     for rec in RECORDS:
@@ -393,11 +379,11 @@ def test_replay_keeps_earlier_edits_output_in_merge_mode(model_dir):
         editor = WiseEditor(sess.model, sess.tokenizer, sess.mem, sess.blocks, sess.target.layer, cfg)
         editor.prepare()
         editor.apply(RECORDS[:1])
-        first = sess.mem.memory(0)
+        first = sess.mem.memories[0].clone()
         batch, acts = editor._layer_inputs([RECORDS[0].prompt + " " + RECORDS[0].target_new])
         acts = acts.float()
         editor.apply(RECORDS[1:2])
-        moved = torch.nn.functional.linear(acts, sess.mem.memory(0) - first).norm()
+        moved = torch.nn.functional.linear(acts, sess.mem.memories[0] - first).norm()
         changes[weight] = float(moved / torch.nn.functional.linear(acts, first).norm())
         if weight:
             assert sess.mem.replay_factor.shape[0] == sess.mem.in_features
@@ -430,4 +416,4 @@ def test_a_diverging_run_stops_with_an_error_and_writes_nothing(model_dir):
     with pytest.raises(TrainingDiverged, match="training diverged") as exc:
         editor.apply(RECORDS)
     assert "learning_rate" in exc.value.hint
-    assert sess.mem.n_memories <= 1 and bool(torch.isfinite(sess.mem.memory_up).all())
+    assert sess.mem.n_memories <= 1 and bool(torch.isfinite(sess.mem.memories).all())

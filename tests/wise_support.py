@@ -41,9 +41,3 @@ def logits(model, tok, texts: list[str]) -> torch.Tensor:
 def route(sess, text: str) -> torch.Tensor:
     logits(sess.model, sess.tokenizer, [text])
     return sess.mem.last_route.clone()
-
-
-def as_factors(memories: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Full (K, d_out, d_in) side memories as the layer's factors, exactly: D = D · I."""
-    k, _, d_in = memories.shape
-    return {"memory_up": memories, "memory_down": torch.eye(d_in).expand(k, d_in, d_in).clone()}

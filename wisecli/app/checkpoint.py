@@ -7,13 +7,14 @@ read -- never pickle -- so a checkpoint from someone else cannot run code, and o
 checkpoints keep loading on newer PyTorch.
 
 ``wise.safetensors`` holds the ``SideMemoryLayer`` buffers (``wise_state``):
-  memory_up (K, d_out, r), memory_down (K, r, d_in) f16 (f32 where f16 is not exact)
-                                   side memories as factors of D_k = W'_k - W, null-space projected
+  memories (K, d_out, d_in) f16   side memories as deltas D_k = W'_k - W, null-space projected
+                                   (f32: written before format 4, where f16 would not be exact)
   thresholds, min_edit_scores (K,) router threshold per memory, and the score it derives from
   scale () f32, basis (d_in, r) f32   score unit; directions side memories ignore
-  edit_keys (M, d_in) f16, key_edit, key_memory (M,) i64   router keys, the edit and the
-                                   memory each belongs to
-  replay_factor (d_in, r) f32, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
+  edit_keys (M, d_in) f8, key_exponents (M,) i16   router keys: float8 values times a power of two
+                                   (f16 and no exponents: written before format 4)
+  key_edit, key_memory (M,) i64    the edit and the memory each key belongs to
+  replay_factor (d_in, r) f16, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
 
 Invariant: nothing half-written is ever visible at the output path.  A write is
 built in a temporary sibling directory and renamed into place only when complete.

@@ -84,7 +84,7 @@ def fold(sess: Session, k: int) -> None:
     """W ← W + D_k in the base projection, and the side-memory layer taken out of the model."""
     mem = sess.mem
     weight = mem.base_layer.weight
-    delta = mem.memory(k).to(weight.device)
+    delta = mem.memories[k].to(weight.device)
     weight.data += (delta.T if mem.kind == "conv1d" else delta).to(weight.dtype)
     uninstall(sess.model)
     set_module(sess.model, sess.target.module_path, mem.base_layer)

@@ -118,17 +118,7 @@ def _from_v2(manifest: dict) -> dict:
 
 
 def _from_v3(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Format 3 → 4: WISE's side memories are factors U V instead of full deltas D.  An
-    older memory is factored exactly, with an identity on its narrower side, so it gives
-    what it gave; memories written later are low-rank and padded to its width."""
-    manifest = {**manifest, "format_version": 4}
-    if manifest.get("method") != "wise" or "memories" not in tensors:
-        return manifest, tensors
-    full = tensors.pop("memories").float()
-    k, d_out, d_in = full.shape
-    if d_out <= d_in:
-        up, down = torch.eye(d_out).expand(k, d_out, d_out), full
-    else:
-        up, down = full, torch.eye(d_in).expand(k, d_in, d_in)
-    tensors["memory_up"], tensors["memory_down"] = up.contiguous(), down.contiguous()
-    return manifest, tensors
+    """Format 3 → 4: WISE's state may now be stored in fewer bits (float16 memories and replay
+    factor, float8 keys with ``key_exponents``: ``memory.stored_state``); a format-3 state is
+    one such state already, in float32 and float16."""
+    return {**manifest, "format_version": 4}, tensors

@@ -73,21 +73,6 @@ def project_rows(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return delta - (delta @ basis) @ basis.T
 
 
-def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U (d_out, r), V (r, d_in)) with U V the best rank-r approximation of ``delta``.
-
-    A merged side memory is a sum of gradient × activation products over its edits' tokens,
-    seen through random shard masks: the masks spread most of its energy thinly over every
-    direction, while what its edits read lies in a few (docs/experiments.md, 2026-12-07).
-    The singular values are split evenly between the factors and both are rounded to
-    float16 values, so a checkpoint stores them in 16 bits and loads exactly this memory.
-    """
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    return (u[:, :r] * root).half().float(), (root[:, None] * vh[:r]).half().float()
-
-
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
 

@@ -25,8 +25,8 @@ from .generation import Generation, Generations
 from .router import RouteContext, Router, RouterConfig
 
 # Buffers every checkpoint holds, and their dtypes as the layer holds them (a checkpoint may
-# store the factors in float16: ``stored_state``).
-STATE_DTYPES = {"memory_up": torch.float32, "memory_down": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
+# store some in fewer bits: ``stored_state``).
+STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
                 "scale": torch.float32, "basis": torch.float32, "edit_keys": torch.float16,
                 "key_edit": torch.long, "key_memory": torch.long, "replay_factor": torch.float32,
                 "replay_count": torch.float32}
@@ -44,11 +44,10 @@ class TrainScores:
 class SideMemoryLayer(nn.Module):
     """``y = W a`` (main memory) or ``y = W a + D_k a`` (side memory k), chosen per example.
 
-    Side memories are deltas ``D_k = W'_k - W``, held as factors ``D_k = U_k V_k`` of rank
-    r (``memory_up`` (K, d_out, r), ``memory_down`` (K, r, d_in), float32; memories of a
-    lower rank are padded with zeros): the router score is ``‖D_k a‖`` anyway, so the delta
-    costs two thin matmuls instead of two full ones, keeps the optimiser's precision when
-    the base runs in bf16, and a 7B model's memory of 100 edits is megabytes, not 180 MB.
+    Side memories are deltas ``D_k = W'_k - W`` in float32 (float16 values: a checkpoint
+    stores them in 16 bits, exactly): the router score is ``‖D_k a‖`` anyway, so storing
+    the delta costs one matmul instead of two, and keeps the optimiser's precision when the
+    base runs in bf16.
     """
 
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
@@ -57,7 +56,7 @@ class SideMemoryLayer(nn.Module):
         self.base_layer, self.kind = base_layer, kind
         self.in_features, self.out_features = in_features, out_features
         dev = next(base_layer.parameters()).device
-        empty = {"memory_up": (0, out_features, 0), "memory_down": (0, 0, in_features), "thresholds": (0,), "min_edit_scores": (0,),
+        empty = {"memories": (0, out_features, in_features), "thresholds": (0,), "min_edit_scores": (0,),
                  "scale": (), "basis": (in_features, 0), "edit_keys": (0, in_features), "key_edit": (0,),
                  "key_memory": (0,), "replay_factor": (0, 0), "replay_count": ()}
         for name, shape in empty.items():
@@ -88,7 +87,7 @@ class SideMemoryLayer(nn.Module):
                         targets: Sequence[tuple[int, str]] = ()) -> None:
         """Restore every buffer from the layer's state or a checkpoint's (``stored_state``;
         ``manifest.upgrade`` has filled what older checkpoints lack)."""
-        dev = self.memory_up.device
+        dev = self.memories.device
         state = runtime_state(state)
         for name, dtype in STATE_DTYPES.items():
             setattr(self, name, state[name].to(device=dev, dtype=dtype).clone())
@@ -101,16 +100,7 @@ class SideMemoryLayer(nn.Module):
 
     @property
     def n_memories(self) -> int:
-        return int(self.memory_up.shape[0])
-
-    @property
-    def rank(self) -> int:
-        """The factors' width (the highest rank of any memory)."""
-        return int(self.memory_up.shape[2])
-
-    def memory(self, k: int) -> torch.Tensor:
-        """D_k as one (d_out, d_in) float32 matrix."""
-        return self.memory_up[k] @ self.memory_down[k]
+        return int(self.memories.shape[0])
 
     @property
     def last_route(self) -> torch.Tensor | None:
@@ -134,24 +124,20 @@ class SideMemoryLayer(nn.Module):
     # ---- what editing changes ------------------------------------------------------------
     def calibrate(self, scale: float, basis: torch.Tensor) -> None:
         """The score unit and the null-space basis, measured once per model on neutral text."""
-        self.scale = torch.tensor(float(scale), device=self.memory_up.device)
-        self.basis = basis.to(device=self.memory_up.device, dtype=torch.float32)
+        self.scale = torch.tensor(float(scale), device=self.memories.device)
+        self.basis = basis.to(device=self.memories.device, dtype=torch.float32)
 
-    def add_memory(self, up: torch.Tensor, down: torch.Tensor) -> int:
-        """A new side memory D = up @ down (threshold set by ``set_threshold``); returns its index."""
-        dev = self.memory_up.device
-        rank = max(self.rank, up.shape[1])
-        self.memory_up = torch.cat([_widened(self.memory_up, rank, 2), _widened(up[None].to(dev), rank, 2)])
-        self.memory_down = torch.cat([_widened(self.memory_down, rank, 1), _widened(down[None].to(dev), rank, 1)])
+    def add_memory(self, delta: torch.Tensor) -> int:
+        """A new side memory (threshold set by ``set_threshold``); returns its index.  Held in
+        float16 values, so what a checkpoint stores in 16 bits is exactly what answers here."""
+        dev = self.memories.device
+        self.memories = torch.cat([self.memories, delta[None].to(dev).half().float()])
         self.min_edit_scores = torch.cat([self.min_edit_scores, torch.full((1,), float("inf"), device=dev)])
         self.thresholds = torch.cat([self.thresholds, torch.zeros(1, device=dev)])
         return self.n_memories - 1
 
-    def replace_memory(self, k: int, up: torch.Tensor, down: torch.Tensor) -> None:
-        rank = max(self.rank, up.shape[1])
-        self.memory_up, self.memory_down = _widened(self.memory_up, rank, 2), _widened(self.memory_down, rank, 1)
-        self.memory_up[k] = _widened(up[None], rank, 2)[0]
-        self.memory_down[k] = _widened(down[None], rank, 1)[0]
+    def replace_memory(self, k: int, delta: torch.Tensor) -> None:
+        self.memories[k] = delta.half().float()
 
     def set_threshold(self, k: int, min_edit_score: torch.Tensor, act_ratio: float) -> None:
         self.min_edit_scores[k] = min_edit_score
@@ -160,7 +146,7 @@ class SideMemoryLayer(nn.Module):
     def add_keys(self, acts: torch.Tensor, real: torch.Tensor, k: int) -> None:
         """Router keys of new edits held by memory k: acts (E, n, d_in), real (E, n) bool
         (filler where a prompt has fewer tokens).  Edits are numbered on from the last."""
-        dev = self.memory_up.device
+        dev = self.memories.device
         first = int(self.key_edit.max()) + 1 if self.key_edit.numel() else 0
         owner = torch.arange(first, first + acts.shape[0], device=dev)[:, None].expand_as(real)
         keys = from_fp8_keys(*fp8_keys(acts[real]))  # what a checkpoint stores, exactly
@@ -175,8 +161,8 @@ class SideMemoryLayer(nn.Module):
 
     def set_replay(self, factor: torch.Tensor, count: float) -> None:
         """Merge mode's replay factor (``maths.replay_factor``); empty for a fresh memory."""
-        self.replay_factor = factor.to(self.memory_up.device).half().float()  # stored in 16 bits, exactly
-        self.replay_count = torch.tensor(float(count), device=self.memory_up.device)
+        self.replay_factor = factor.to(self.memories.device).half().float()  # stored in 16 bits, exactly
+        self.replay_count = torch.tensor(float(count), device=self.memories.device)
 
     # ---- per call ------------------------------------------------------------------------
     def begin_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -252,7 +238,7 @@ class SideMemoryLayer(nn.Module):
             return self._train_forward(a, out)
         if not self._enabled or self.n_memories == 0:
             return out
-        delta_out = _Outputs(a.float(), self.memory_up, self.memory_down)  # already projected
+        delta_out = _Outputs(a.float(), self.memories)  # stored memories are already projected
         route = self.router.route(delta_out.a32, self._ctx, self, delta_out)
         return out + self._apply(route, delta_out, out).to(out.dtype)
 
@@ -274,34 +260,24 @@ class SideMemoryLayer(nn.Module):
 class _Outputs:
     """D_k a for one input, computed at most once per memory and only when asked for."""
 
-    def __init__(self, a32: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.a32, self.up, self.down = a32, up, down
+    def __init__(self, a32: torch.Tensor, memories: torch.Tensor) -> None:
+        self.a32, self.memories = a32, memories
         self._done: dict[int, torch.Tensor] = {}
 
     def __call__(self, k: int) -> torch.Tensor:
         if k not in self._done:
-            self._done[k] = F.linear(F.linear(self.a32, self.down[k]), self.up[k])
+            self._done[k] = F.linear(self.a32, self.memories[k])
         return self._done[k]
 
 
-def _widened(factors: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """Factors padded with zeros along ``dim`` to ``rank``: the product is unchanged."""
-    short = rank - factors.shape[dim]
-    if short <= 0:
-        return factors
-    pad = list(factors.shape)
-    pad[dim] = short
-    return torch.cat([factors, factors.new_zeros(pad)], dim=dim)
-
-
-HALVES = ("memory_up", "memory_down", "replay_factor")  # float32 buffers a checkpoint stores in float16
+HALVES = ("memories", "replay_factor")  # float32 buffers a checkpoint stores in float16
 
 
 def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The layer's buffers as a checkpoint stores them, losslessly: the factors in float16
-    and the keys in float8 with a power of two per key (``key_exponents``) where those hold
-    them exactly (``maths.low_rank``, ``add_keys`` and ``set_replay`` round them so), else as
-    they are."""
+    """The layer's buffers as a checkpoint stores them, losslessly: memories and the replay
+    factor in float16, the keys in float8 with a power of two per key (``key_exponents``),
+    where those hold them exactly (``add_memory``, ``replace_memory``, ``set_replay`` and
+    ``add_keys`` round them so; an older checkpoint's memories stay float32)."""
     out = dict(state)
     for name in HALVES:
         half = state[name].half()
@@ -314,7 +290,7 @@ def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def runtime_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``stored_state``'s inverse: the factors and keys in the layer's dtypes."""
+    """``stored_state``'s inverse: those buffers in the layer's dtypes."""
     state = dict(stored)
     exponents = state.pop("key_exponents", None)
     if exponents is not None:

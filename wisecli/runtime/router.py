@@ -86,7 +86,7 @@ class RouteContext:
 class MemoryBank(Protocol):
     """The side-memory tensors the router reads (``SideMemoryLayer`` buffers)."""
 
-    memory_up: torch.Tensor
+    memories: torch.Tensor
     thresholds: torch.Tensor
     scale: torch.Tensor
     basis: torch.Tensor
@@ -219,7 +219,7 @@ class Router:
             if reads_text and input_ids is not None:
                 found, keyed = subject_open(prompt_texts(input_ids, token_mask, self.decode), bank.edit_subjects,
                                             bank.n_memories)
-                dev = bank.memory_up.device
+                dev = bank.memories.device
                 generation.read_prompt((found.to(dev), keyed.to(dev)), follow, input_ids, token_mask,
                                        bank.edit_subjects, bank.n_memories, dev)
             return RouteContext(token_mask, False, *(generation.named or (None, None)), ids=input_ids,
@@ -227,7 +227,7 @@ class Router:
         named = None
         if reads_text:
             named = generation.named if follow is None else \
-                generation.follow_sentence(input_ids, follow, bank.edit_subjects, bank.memory_up.device)
+                generation.follow_sentence(input_ids, follow, bank.edit_subjects, bank.memories.device)
         if not self.cfg.hold:
             generation.note_token(input_ids, self.sentences, bank.edit_targets, bank.n_memories)
         return RouteContext(token_mask, True, *(named or (None, None)), ids=input_ids, generation=generation)
@@ -291,7 +291,7 @@ class Router:
         candidates: Sequence[int] = range(k_all)
         if k_all >= SELECTIVE_FROM and open_ is not None:  # a shut memory scores 0 anyway
             candidates = open_.any(dim=1).nonzero().flatten().tolist()
-        scores = torch.zeros(k_all, batch, device=bank.memory_up.device)
+        scores = torch.zeros(k_all, batch, device=bank.memories.device)
         for k in candidates:
             scores[k] = activation_score(delta_out(k), mask, self.cfg.pooling) / bank.scale
         if open_ is not None:

@@ -41,9 +41,6 @@ class WiseConfig:
     # Merge mode: a memory takes merged shards until it holds this many edits, then a new
     # one opens (one memory for 1000 edits forgets; 0: one memory for all).
     edits_per_memory: int = 100
-    # Rank a memory is kept at after each merge (its factors, stored in 16 bits): what its
-    # edits read survives the cut; what the shard masks spread over every direction does not.
-    memory_rank: int = 128
     mask_ratio: float = 0.2
     # Router threshold = act_ratio x the lowest score of the memory's own edits.
     act_ratio: float = 0.8
@@ -114,7 +111,7 @@ class WiseConfig:
         _check(self.layer is None or self.layer >= 0, "layer", "must be >= 0")
         _check(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2^32)")
         for name in ("edits_per_shard", "shards_per_merge", "max_steps", "check_every", "n_negatives",
-                     "variants_per_step", "tokens_per_edit", "keys_per_edit", "memory_rank"):
+                     "variants_per_step", "tokens_per_edit", "keys_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("min_steps", "n_prefixes", "n_rewordings", "negatives_per_step", "n_neighbours", "null_space_rank",
                      "replay_rank", "edits_per_memory"):

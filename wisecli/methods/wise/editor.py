@@ -21,8 +21,7 @@ from wisecli.records import EditRecord
 from wisecli.errors import TrainingDiverged
 from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
-from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, low_rank, merge_ties,
-                    min_edit_score,
+from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from wisecli.runtime.memory import SideMemoryLayer, stored_state
 from wisecli.runtime.router import RouterConfig
@@ -68,7 +67,7 @@ class WiseEditor:
         self.model, self.tok, self.mem, self.blocks, self.layer = model, tokenizer, mem, blocks, layer
         self.cfg = cfg
         self.state = state or EditorState()
-        self.device = mem.memory_up.device
+        self.device = mem.memories.device
         self._rank = embedding_ranker(model, tokenizer)
         mem.configure(RouterConfig.from_config(cfg))
         # The benchmark's full-forward reference loop (``bench.reference``); editing never has one.
@@ -200,7 +199,7 @@ class WiseEditor:
 
     def _start_delta(self, fold: bool) -> torch.Tensor:
         if fold:
-            return self.mem.memory(-1)
+            return self.mem.memories[-1].clone()
         if self.cfg.mode == "merge":  # a new memory: earlier edits live elsewhere, nothing to replay
             self.mem.set_replay(torch.zeros(0, 0), 0.0)
         return torch.zeros(self.mem.out_features, self.mem.in_features, device=self.device)
@@ -272,15 +271,13 @@ class WiseEditor:
         The memory's threshold is then re-measured over every edit it holds, under the memory
         as it is now: each merge raises all its scores."""
         cfg, mem = self.cfg, self.mem
-        up, down = low_rank(project_rows(start + merge_ties([r.delta for r in results]), mem.basis),
-                            cfg.memory_rank)
+        new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
         if fold:
             k = mem.n_memories - 1
-            mem.replace_memory(k, up, down)
+            mem.replace_memory(k, new)
         else:
-            k = mem.add_memory(up, down)
+            k = mem.add_memory(new)
             self.state.memory_edit_counts.append(0)
-        new = mem.memory(k)  # what the memory holds from now on: thresholds and keys are read under it
         self._add_keys(edits, k, new)
         sel = mem.key_memory == k
         mem.set_threshold(k, min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new, mem.scale,

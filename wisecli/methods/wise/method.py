@@ -75,11 +75,11 @@ def attach(model: nn.Module, target: dict | FFNTarget, tokenizer: Any = None) ->
 
 def restore(mem: SideMemoryLayer, tensors: dict, manifest: dict) -> None:
     """The checkpoint's memories, subjects, targets and routing settings, into the layer."""
-    up, down = tensors.get("memory_up"), tensors.get("memory_down")
-    if up is None or down is None or up.shape[1] != mem.out_features or down.shape[2] != mem.in_features:
-        got = None if up is None or down is None else (tuple(up.shape), tuple(down.shape))
-        raise CheckpointError(f"side memory factors {got} do not fit {manifest['target']['module_path']} "
-                              f"{(mem.out_features, mem.in_features)}")
+    mems = tensors.get("memories")
+    want = (mem.out_features, mem.in_features)
+    if mems is None or tuple(mems.shape[1:]) != want:
+        got = None if mems is None else tuple(mems.shape)
+        raise CheckpointError(f"side memory shape {got} does not fit {manifest['target']['module_path']} {want}")
     mem.load_wise_state(tensors, subjects_of(manifest), targets_of(manifest))
     mem.configure(RouterConfig.from_config(config_of(manifest)))
 

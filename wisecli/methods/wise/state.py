@@ -41,7 +41,7 @@ def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) ->
 
 
 def _check_stored(tensors: dict[str, torch.Tensor], bad: Any) -> None:
-    """The storage forms ``runtime_state`` reads: 16-bit factors and replay factor, float8
+    """The storage forms ``runtime_state`` reads: 16-bit memories and replay factor, float8
     keys with their powers of two."""
     for name, stored in STORED_DTYPES.items():
         if name in tensors and tensors[name].dtype not in stored:
@@ -56,19 +56,17 @@ def _check_stored(tensors: dict[str, torch.Tensor], bad: Any) -> None:
 
 def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     d_in, d_out = target["in_features"], target["out_features"]
-    up = t["memory_up"]
-    k, m = int(up.shape[0]) if up.dim() == 3 else -1, int(t["edit_keys"].shape[0])
-    width = int(up.shape[2]) if up.dim() == 3 else -1
+    k, m = int(t["memories"].shape[0]) if t["memories"].dim() else -1, int(t["edit_keys"].shape[0])
     rank = int(t["basis"].shape[1]) if t["basis"].dim() == 2 else -1
     replay = int(t["replay_factor"].shape[1]) if t["replay_factor"].dim() == 2 else -1
-    return {"memory_up": (k, d_out, width), "memory_down": (k, width, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
+    return {"memories": (k, d_out, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
             "basis": (d_in, max(rank, 0)) if rank <= d_in else (d_in, d_in), "edit_keys": (m, d_in),
             "key_edit": (m,), "key_memory": (m,), "replay_count": (),
             "replay_factor": (0, 0) if replay <= 0 and t["replay_factor"].numel() == 0 else (d_in, max(replay, 0))}
 
 
 def _check_indices(manifest: dict, t: dict[str, torch.Tensor], bad: Any) -> None:
-    k = int(t["memory_up"].shape[0])
+    k = int(t["memories"].shape[0])
     if float(t["scale"]) <= 0:
         raise bad("tensor 'scale' must be > 0")
     if t["key_memory"].numel() and not (0 <= int(t["key_memory"].min()) and int(t["key_memory"].max()) < k):
