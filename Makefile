@@ -42,7 +42,7 @@ bench: setup
 
 # The README's quality table (about 6 h on a 2-core CPU, most of it the T=1000 rows and passages).
 QUALITY := $(BIN)/python benchmarks/quality.py --negatives train --config benchmarks/train-negatives.yaml
-UE := $(BIN)/python benchmarks/quality.py --method ultraedit
+UE := $(BIN)/python benchmarks/quality.py --method ultraedit --use-sample 30
 bench-quality: setup
 	$(BIN)/python benchmarks/quality.py --dataset zsre --T 100 1000   # wise edit's defaults; T=1000 is ~2 h on a 2-core CPU
 	$(QUALITY) --dataset zsre --T 10 100
@@ -55,15 +55,17 @@ bench-quality: setup
 	$(QUALITY) --dataset knowedit-zsre --T 100
 	$(QUALITY) --dataset zsre --T 100 --offset 500 --model gemma3-270m
 	$(QUALITY) --dataset knowedit-zsre --T 100 --model gemma3-270m
-	# ultraedit (about 40 min): its defaults, the reference's solve, then the final-test slices
+	# ultraedit (about 60 min): its defaults, the reference's solve, then the final-test slices
 	$(UE) --dataset zsre --T 100
-	$(UE) --dataset zsre --T 100 --arrival 100 --config benchmarks/ultraedit-reference.yaml --use-sample 30
-	$(UE) --dataset counterfact --T 100 --use-sample 30
-	$(UE) --dataset zsre --T 100 --offset 500 --use-sample 30
-	$(UE) --dataset knowedit-zsre --T 100 --use-sample 30
-	$(UE) --dataset zsre --T 100 --offset 500 --model gemma3-270m --use-sample 30
-	# ultraedit at scale (about 75 min): a release pipeline's arrivals of 100, to 10,000 edits
-	$(UE) --dataset counterfact --T 10000 --arrival 100 --use-sample 30
+	$(UE) --dataset zsre --T 100 --arrival 100 --config benchmarks/ultraedit-reference.yaml
+	$(UE) --dataset counterfact --T 100
+	$(UE) --dataset zsre --T 1000
+	$(UE) --dataset zsre --T 100 --offset 500
+	$(UE) --dataset knowedit-zsre --T 100
+	$(UE) --dataset zsre --T 100 --offset 500 --model gemma3-270m
+	$(UE) --dataset knowedit-zsre --T 100 --model gemma3-270m
+	# ultraedit at scale (about 95 min): a release pipeline's arrivals of 100, to 10,000 edits
+	$(UE) --dataset counterfact --T 10000 --arrival 100
 
 clean:
 	rm -rf demo-out .pytest_cache
