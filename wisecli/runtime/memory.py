@@ -3,8 +3,9 @@ the one the router picks for each example.
 
 It replaces the FFN output projection in the model (peft-style: it keeps ``base_layer`` and
 adds its own state beside it).  All tensor state is in registered buffers, so
-``wise_state()`` is exactly what is saved; the only other saved state is each edit's subject
-and target (text, in the manifest).  The state changes only through this class's methods;
+``wise_state()`` is exactly what is saved (in fewer bits, losslessly: ``stored_state``); the
+only other saved state is each edit's subject and target (text, in the manifest).  The state
+changes only through this class's methods;
 routing settings only through ``configure``; the per-call context only through
 ``begin_call`` / ``end_call``, which the hooks of ``install`` call around each model call.
 A generation's routing state is its ``Generation``, found again by the generation's cache.
