@@ -236,6 +236,7 @@ def test_replay_factor_keeps_the_largest_directions_at_low_rank():
     moment = tokens.T @ tokens / 200
     assert (factor @ factor.T - moment).norm() / moment.norm() < 1e-3
 
+
 def test_float8_keys_keep_their_direction_over_any_scale():
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(6, 300, generator=gen) * torch.tensor([1e-3, 0.1, 1.0, 30.0, 900.0, 2e4])[:, None]
