@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from wisecli.runtime.maths import (
+    answer_match,
     fp8_keys,
     from_fp8_keys,
+    last_token,
     counted_tokens,
     activation_score,
     margin_loss,
@@ -247,3 +249,17 @@ def test_float8_keys_keep_their_direction_over_any_scale():
     assert (F.cosine_similarity(back, keys, dim=-1) > 0.999).all()
     assert ((back - keys).abs() <= keys.abs() / 16 + 1e-30 + 2.0 ** (exponents[:, None].float() - 9)).all()
     assert torch.equal(from_fp8_keys(*fp8_keys(back)), back)  # float8 values encode exactly
+
+
+def test_last_token_is_the_last_real_one_on_either_padding_side():
+    acts = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])  # right-padded, left-padded
+    assert last_token(acts, mask)[:, 0].tolist() == [2.0, 7.0]
+    assert last_token(acts, None)[:, 0].tolist() == [3.0, 7.0]
+
+
+def test_answer_match_is_the_best_key_per_edit_and_minus_one_without_keys():
+    keys = torch.eye(3)
+    last = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    best = answer_match(last, keys, torch.tensor([0, 0, 1]), 3)
+    assert torch.allclose(best, torch.tensor([[0.8, 0.0], [0.0, 1.0], [-1.0, -1.0]]))

@@ -156,6 +156,37 @@ def test_key_gate_keeps_memory_off_prompts_unlike_its_keys():
     assert mem.last_route.tolist() == [0, NO_MEMORY]
 
 
+def test_answer_gate_opens_for_the_edit_whose_answer_position_matches():
+    """Two edits of one memory, subjects "france" and "spain", answer keys on axes 0 and 1.  A
+    prompt naming france opens the memory only where its last token lies on france's own
+    axis: spain's relation asked about france (axis 1) stays out, as does france's relation
+    asked about a subject the memory does not hold.  Padding is not a prompt's last token."""
+    from conftest import make_tokenizer
+    tok = make_tokenizer()
+    mem = SideMemoryLayer(torch.nn.Linear(4, 2, bias=False), "linear", 4, 2, tokenizer=tok)
+    mem.load_wise_state({**mem.wise_state(), "memories": torch.ones(1, 2, 4), "thresholds": torch.tensor([0.01]),
+                         "answer_keys": torch.eye(4)[:2].half(), "answer_key_edit": torch.tensor([0, 1])},
+                        subjects=[(0, "france"), (0, "spain")], targets=[(0, "x"), (0, "y")])
+    cfg = RouterConfig(pooling="max", hold=True, key_gate=0.0, coverage_gate=0.0, subject_gate=True, answer_gate=0.8)
+    mem.configure(cfg)
+    texts = ["the capital of france is", "the language of france is", "the capital of italy is"]
+    ids = tok(texts, return_tensors="pt", padding=True, padding_side="right")
+    t = ids["input_ids"].shape[1]
+    last = ids["attention_mask"].sum(1) - 1
+    a = torch.zeros(3, t, 4)
+    a[:, :, 3] = 1.0  # every other token: off both keys
+    a[0, last[0]] = torch.tensor([1.0, 0.1, 0, 0])  # france's relation
+    a[1, last[1]] = torch.tensor([0.1, 1.0, 0, 0])  # spain's relation, about france
+    a[2, last[2]] = torch.tensor([1.0, 0.0, 0, 0])  # france's relation, about italy
+    mem.begin_call(ids["input_ids"], ids["attention_mask"], decoding=False)
+    mem(a)
+    assert mem.last_route.tolist() == [0, NO_MEMORY, NO_MEMORY]
+    mem.configure(replace(cfg, answer_gate=0.0))  # the subject gate alone opens both france rows
+    mem.begin_call(ids["input_ids"], ids["attention_mask"], decoding=False)
+    mem(a)
+    assert mem.last_route.tolist() == [0, 0, NO_MEMORY]
+
+
 def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     """Retrieve mode with many memories skips D_k a for gated-off memories; nothing may change."""
     torch.manual_seed(0)

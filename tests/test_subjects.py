@@ -19,6 +19,15 @@ def test_a_memory_holding_an_edit_without_subject_is_left_to_the_keys():
     assert keyed.tolist() == [False, True, False]
 
 
+def test_edits_sharing_a_subject_are_each_named():
+    """Per edit (owner = edit): two edits of one subject are both named by a prompt naming it,
+    also when the text only reaches them through a word that starts another subject."""
+    subjects = [(0, "Apple"), (1, "Apple"), (2, "Apple Park"), (3, "Peru")]
+    named, _ = subject_open(["The CEO of Apple is", "Where is Apple Park?", "Peru"], subjects, 4)
+    assert named.tolist() == [[True, True, False], [True, True, False], [False, True, False],
+                              [False, False, True]]
+
+
 def test_spacing_inside_a_subject_does_not_matter():
     named, _ = subject_open(["Where is  Mount   Everest?"], [(0, "Mount Everest")], 1)
     assert named.tolist() == [[True]]

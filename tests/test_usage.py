@@ -53,5 +53,8 @@ def test_same_subject_probes_come_from_the_record_or_the_subject():
     own = EditRecord(id="x", prompt="p", target_new="t", same_subject=(("Its rank is", "genus"),))
     assert same_subject_probes(own) == [("Its rank is", "genus")]
     made = same_subject_probes(EditRecord(id="y", prompt="The capital of Australia is", target_new="Perth"))
-    assert made and all("Australia" in p and a is None for p, a in made)
+    assert len(made) == 5 and all("Australia" in p and a is None for p, a in made)
+    assert not any("capital" in p for p, _ in made)  # never the edited relation again
+    founder = same_subject_probes(EditRecord(id="f", prompt="Apple was founded by", target_new="X", subject="Apple"))
+    assert len(founder) == 5 and not any("found" in p.lower() for p, _ in founder)
     assert same_subject_probes(EditRecord(id="z", prompt="the chemical symbol for gold is", target_new="Ag")) == []

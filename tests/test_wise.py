@@ -65,7 +65,8 @@ def test_wise_state_is_exactly_the_buffers(model_dir):
     sess = open_model(str(model_dir), device="cpu")
     state = sess.mem.wise_state()
     assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
-                          "edit_keys", "key_edit", "key_memory", "replay_factor", "replay_count"}
+                          "edit_keys", "key_edit", "key_memory", "answer_keys", "answer_key_edit",
+                          "replay_factor", "replay_count"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k
@@ -85,8 +86,9 @@ def test_older_checkpoint_replay_moment_loads_as_a_factor(model_dir):
     v1["config"] = {k: v for k, v in v1["config"].items() if k != "key_gate"}  # written before the gate
     manifest, state = upgrade(v1, {**old, "replay_cov": cov}, "wise.json")
     assert manifest["format_version"] == FORMAT_VERSION and manifest["method"] == "wise" and manifest["config"]["key_gate"] == 0.0
+    assert manifest["config"]["answer_gate"] == 0.0  # routed without the answer gate: kept so
     sess.mem.load_wise_state(state)
-    assert sess.mem.edit_keys.shape == (0, sess.mem.in_features)
+    assert sess.mem.edit_keys.shape == sess.mem.answer_keys.shape == (0, sess.mem.in_features)
     f = sess.mem.replay_factor
     torch.testing.assert_close(f @ f.T, cov, atol=1e-4, rtol=1e-4)
 
@@ -278,6 +280,9 @@ def test_checkpoint_round_trip(edited, tmp_path, wise_cache):
     # held in float16: stored in 16 and 8 bits, exactly (the equality below)
     assert tensors["memories"].dtype == tensors["replay_factor"].dtype == torch.float16
     assert tensors["edit_keys"].dtype == torch.float8_e4m3fn and tensors["key_exponents"].dtype == torch.int16
+    # answer keys: the bare prompt, a prefixed copy (the tiny tokenizer has no chat template)
+    assert tensors["answer_keys"].dtype == torch.float8_e4m3fn and tensors["answer_key_exponents"].dtype == torch.int16
+    assert tensors["answer_key_edit"].tolist() == [0, 0, 1, 1, 2, 2]
     write_checkpoint(out, base_dir=sess.base_dir, tensors=tensors, manifest=manifest)
     assert {"wise.json", "wise.safetensors", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
 

@@ -14,6 +14,8 @@ checkpoints keep loading on newer PyTorch.
   edit_keys (M, d_in) f8, key_exponents (M,) i16   router keys: float8 values times a power of two
                                    (f16 and no exponents: written before format 4)
   key_edit, key_memory (M,) i64    the edit and the memory each key belongs to
+  answer_keys (A, d_in) f8, answer_key_exponents (A,) i16, answer_key_edit (A,) i64
+                                   answer-gate keys and their edit (none before format 5)
   replay_factor (d_in, r) f16, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
 
 Invariant: nothing half-written is ever visible at the output path.  A write is

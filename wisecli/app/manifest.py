@@ -44,7 +44,7 @@ from wisecli import methods
 from wisecli.errors import CheckpointError, ConfigError
 from wisecli.runtime.maths import moment_factor
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 # Format 1 grew over releases: a setting added later is missing from the manifests written
 # before it, and those checkpoints were routed as if it were off.
@@ -62,6 +62,8 @@ def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tup
         manifest = _from_v2(manifest)
     if manifest["format_version"] == 3:
         manifest, tensors = _from_v3(manifest, tensors)
+    if manifest["format_version"] == 4:
+        manifest, tensors = _from_v4(manifest, tensors)
     validate(manifest, where)
     try:
         method = methods.get(manifest["method"])
@@ -122,3 +124,17 @@ def _from_v3(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
     factor, float8 keys with ``key_exponents``: ``memory.stored_state``); a format-3 state is
     one such state already, in float32 and float16."""
     return {**manifest, "format_version": 4}, tensors
+
+
+def _from_v4(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Format 4 → 5: WISE's edits may have answer keys (the router's answer gate).  A format-4
+    state has none and was routed without the gate: its config says so, and it keeps routing
+    (and, edited further, training) exactly as it did."""
+    manifest = {**manifest, "format_version": 5}
+    if manifest.get("method") == "wise":
+        if isinstance(manifest.get("config"), dict):
+            manifest["config"] = {**manifest["config"], "answer_gate": manifest["config"].get("answer_gate", 0.0)}
+        d_in = int(tensors["basis"].shape[0]) if "basis" in tensors else 0
+        tensors.setdefault("answer_keys", torch.zeros(0, d_in, dtype=torch.float16))
+        tensors.setdefault("answer_key_edit", torch.zeros(0, dtype=torch.long))
+    return manifest, tensors

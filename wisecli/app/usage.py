@@ -9,11 +9,13 @@
   bigram/trigram entropy; *leakage*: another edit's target in a continuation where the
   unedited model does not write it;
 * same-subject locality: prompts about the edited subject with other relations (the
-  record's ``same_subject``, KnowEdit's Relation_Specificity; else a few made from the
-  subject), scored like locality against the unedited model.
+  record's ``same_subject``, KnowEdit's Relation_Specificity; else ``PROBES_PER_EDIT`` of
+  ``SUBJECT_PROBES`` that share no content word with the edit's prompt, so none asks the
+  edited relation again), scored like locality against the unedited model's own answers.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -28,7 +30,16 @@ from wisecli.methods.wise.augment import subject_of
 CONTINUATION_TOKENS = 40
 CHAT_TOKENS = 32
 REPEATED = 3  # target mentions in one continuation that count as repetition
-SUBJECT_PROBES = ("{s} is", "{s} is known for", "Here is one fact about {s}:")
+# Other relations a user asks about a subject, as completions (the unedited model's own
+# answer is the reference, so a relation that does not fit the subject still tests it).
+SUBJECT_PROBES = ("{s} is located in", "The founder of {s} is", "{s} was born in",
+                  "The official language of {s} is", "{s} is a member of", "{s} was created by",
+                  "The capital of {s} is", "{s} works as a", "The country of origin of {s} is",
+                  "{s} was founded in the year", "The headquarters of {s} are in", "{s} is best known for",
+                  "The name of the father of {s} is", "{s} died in", "{s} plays the position of",
+                  "The religion of {s} is")
+PROBES_PER_EDIT = 5
+_STOP = {"what", "which", "where", "when", "does", "that", "this", "with", "from", "name", "their", "there"}
 _PERSON = re.compile(r"\b(person|founder|author|creator|inventor|president|director|writer|painter|ceo|king|queen)\b",
                      re.IGNORECASE)
 _SHAPES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
@@ -96,7 +107,18 @@ def same_subject_probes(record: EditRecord) -> list[tuple[str, str | None]]:
     if record.same_subject:
         return list(record.same_subject)
     subject = subject_of(record.prompt, record.subject)
-    return [(p.format(s=subject), None) for p in SUBJECT_PROBES] if subject else []
+    if not subject:
+        return []
+    asked = _stems(record.prompt.replace(subject, " "))
+    other = [p for p in SUBJECT_PROBES if not _stems(p.replace("{s}", " ")) & asked]
+    start = int(hashlib.sha256(record.prompt.encode()).hexdigest()[:8], 16) % len(other) if other else 0
+    return [(p.format(s=subject), None) for p in (other[start:] + other[:start])[:PROBES_PER_EDIT]]
+
+
+def _stems(text: str) -> set[str]:
+    """Content words by their first five letters ("founded" and "founder" are one)."""
+    words = re.findall(r"[a-z]+", text.casefold())
+    return {w[:5] for w in words if len(w) >= 4 and w not in _STOP}
 
 
 @dataclass

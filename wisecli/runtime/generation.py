@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .subjects import SentenceSubjects
 
-Named = tuple[torch.Tensor, torch.Tensor]  # (K, B) memories the text names, (K,) memories without a subject
+Named = tuple[torch.Tensor, torch.Tensor]  # (E, B) edits whose subject the text names, (E,) edits without one
 
 
 class Generation:
@@ -37,7 +37,7 @@ class Generation:
         self.cached: torch.Tensor | None = None            # (B, n) the text whose states the cache holds
         self.named: Named | None = None                    # the prompt's subject answer
         self.recent: torch.Tensor | None = None            # (B, m) the last tokens, for subjects
-        self.sentence: torch.Tensor | None = None          # (K, B) memories the current sentence names
+        self.sentence: torch.Tensor | None = None          # (E, B) edits whose subject the current sentence names
         self.held: torch.Tensor | None = None              # (B,) the last call's route
         self.answered: torch.Tensor | None = None          # (B,) first memory used since the prompt
         self.track: torch.Tensor | None = None             # (B, E') targets a row's answer may still be
@@ -51,14 +51,14 @@ class Generation:
     # ---- the prompt ----------------------------------------------------------------------
     def read_prompt(self, named: Named, sentences: SentenceSubjects | None, ids: torch.Tensor,
                     mask: torch.Tensor | None, subjects: Sequence[tuple[int, str | None]],
-                    n_memories: int, device: torch.device) -> None:
-        """The prompt's subject answer, and what its last sentence names (from which the
+                    n_owners: int, device: torch.device) -> None:
+        """The prompt's subject answer per edit, and what its last sentence names (from which the
         generated tokens are followed, when they are routed one by one)."""
         self.named = named
         if sentences is not None:
             span = sentences.span(subjects, ids.device)
             self.recent = F.pad(ids, (max(0, span - ids.shape[1]), 0), value=-1)[:, -span:]
-            self.sentence = sentences.in_sentence(ids, mask, subjects, n_memories).to(device)
+            self.sentence = sentences.in_sentence(ids, mask, subjects, n_owners).to(device)
 
     def prompt_routed(self, route: torch.Tensor, sentences: SentenceSubjects | None,
                       targets: Sequence[tuple[int, str]], n_memories: int) -> None:

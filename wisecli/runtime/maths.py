@@ -92,6 +92,24 @@ def from_fp8_keys(values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor
     return values.float() * torch.exp2(exponents.float())[:, None]
 
 
+def last_token(acts: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) -> (B, d): each row's last real token, the position whose output predicts
+    the answer (padding on either side; a teacher-forced answer is outside the mask)."""
+    if token_mask is None:
+        return acts[:, -1]
+    m = token_mask[:, -acts.shape[1]:].to(torch.long)
+    pos = (m * torch.arange(1, m.shape[1] + 1, device=m.device)).argmax(-1)
+    return acts[torch.arange(acts.shape[0], device=acts.device), pos]
+
+
+def answer_match(last: torch.Tensor, keys: torch.Tensor, key_edit: torch.Tensor, n_edits: int) -> torch.Tensor:
+    """(E, B): per edit, the best cosine between a row's answer position and the edit's answer
+    keys, both unit-norm; -1 for an edit without one.  last: (B, d); keys: (A, d); key_edit: (A,)."""
+    sims = keys.float() @ last.float().T  # (A, B)
+    out = torch.full((n_edits, last.shape[0]), -1.0, device=last.device)
+    return out.scatter_reduce(0, key_edit[:, None].expand_as(sims), sims, reduce="amax", include_self=True)
+
+
 def common_basis(acts: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of (N, d_in) activations, as a (d_in, r) basis."""
     rank = min(rank, acts.shape[0], acts.shape[1])

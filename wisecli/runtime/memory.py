@@ -29,8 +29,10 @@ from .router import RouteContext, Router, RouterConfig
 # store some in fewer bits: ``stored_state``).
 STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
                 "scale": torch.float32, "basis": torch.float32, "edit_keys": torch.float16,
-                "key_edit": torch.long, "key_memory": torch.long, "replay_factor": torch.float32,
-                "replay_count": torch.float32}
+                "key_edit": torch.long, "key_memory": torch.long, "answer_keys": torch.float16,
+                "answer_key_edit": torch.long, "replay_factor": torch.float32, "replay_count": torch.float32}
+# Key buffers a checkpoint stores as float8 values, with a power of two per key in the second.
+FP8_KEYS = {"edit_keys": "key_exponents", "answer_keys": "answer_key_exponents"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class SideMemoryLayer(nn.Module):
         dev = next(base_layer.parameters()).device
         empty = {"memories": (0, out_features, in_features), "thresholds": (0,), "min_edit_scores": (0,),
                  "scale": (), "basis": (in_features, 0), "edit_keys": (0, in_features), "key_edit": (0,),
-                 "key_memory": (0,), "replay_factor": (0, 0), "replay_count": ()}
+                 "key_memory": (0,), "answer_keys": (0, in_features), "answer_key_edit": (0,),
+                 "replay_factor": (0, 0), "replay_count": ()}
         for name, shape in empty.items():
             self.register_buffer(name, torch.zeros(shape, dtype=STATE_DTYPES[name], device=dev))
         self.scale.fill_(1.0)
@@ -144,16 +147,22 @@ class SideMemoryLayer(nn.Module):
         self.min_edit_scores[k] = min_edit_score
         self.thresholds[k] = act_ratio * self.min_edit_scores[k]
 
-    def add_keys(self, acts: torch.Tensor, real: torch.Tensor, k: int) -> None:
+    def add_keys(self, acts: torch.Tensor, real: torch.Tensor, k: int,
+                 answers: torch.Tensor | None = None) -> None:
         """Router keys of new edits held by memory k: acts (E, n, d_in), real (E, n) bool
-        (filler where a prompt has fewer tokens).  Edits are numbered on from the last."""
+        (filler where a prompt has fewer tokens); answers (E, m, d_in): their answer
+        positions (the answer gate's keys).  Edits are numbered on from the last."""
         dev = self.memories.device
         first = int(self.key_edit.max()) + 1 if self.key_edit.numel() else 0
-        owner = torch.arange(first, first + acts.shape[0], device=dev)[:, None].expand_as(real)
+        owner = torch.arange(first, first + acts.shape[0], device=dev)[:, None]
         keys = from_fp8_keys(*fp8_keys(acts[real]))  # what a checkpoint stores, exactly
         self.edit_keys = torch.cat([self.edit_keys, keys.to(self.edit_keys.dtype)])
-        self.key_edit = torch.cat([self.key_edit, owner[real]])
+        self.key_edit = torch.cat([self.key_edit, owner.expand_as(real)[real]])
         self.key_memory = torch.cat([self.key_memory, torch.full((int(real.sum()),), k, device=dev)])
+        if answers is not None:
+            flat = from_fp8_keys(*fp8_keys(answers.reshape(-1, answers.shape[-1])))
+            self.answer_keys = torch.cat([self.answer_keys, flat.to(self.answer_keys.dtype).to(dev)])
+            self.answer_key_edit = torch.cat([self.answer_key_edit, owner.expand(-1, answers.shape[1]).flatten()])
 
     def add_edits(self, k: int, subjects: Sequence[str | None], targets: Sequence[str]) -> None:
         """New edits held by memory k: their subjects and targets (text, in the manifest)."""
@@ -276,7 +285,7 @@ HALVES = ("memories", "replay_factor")  # float32 buffers a checkpoint stores in
 
 def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The layer's buffers as a checkpoint stores them, losslessly: memories and the replay
-    factor in float16, the keys in float8 with a power of two per key (``key_exponents``),
+    factor in float16, the keys in float8 with a power of two per key (``FP8_KEYS``),
     where those hold them exactly (``add_memory``, ``replace_memory``, ``set_replay`` and
     ``add_keys`` round them so; an older checkpoint's memories stay float32)."""
     out = dict(state)
@@ -284,18 +293,20 @@ def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         half = state[name].half()
         if torch.equal(half.float(), state[name]):
             out[name] = half
-    values, exponents = fp8_keys(state["edit_keys"])
-    if torch.equal(from_fp8_keys(values, exponents).to(state["edit_keys"].dtype), state["edit_keys"]):
-        out["edit_keys"], out["key_exponents"] = values, exponents
+    for name, exp_name in FP8_KEYS.items():
+        values, exponents = fp8_keys(state[name])
+        if torch.equal(from_fp8_keys(values, exponents).to(state[name].dtype), state[name]):
+            out[name], out[exp_name] = values, exponents
     return out
 
 
 def runtime_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``stored_state``'s inverse: those buffers in the layer's dtypes."""
     state = dict(stored)
-    exponents = state.pop("key_exponents", None)
-    if exponents is not None:
-        state["edit_keys"] = from_fp8_keys(state["edit_keys"], exponents).to(STATE_DTYPES["edit_keys"])
+    for name, exp_name in FP8_KEYS.items():
+        exponents = state.pop(exp_name, None)
+        if exponents is not None:
+            state[name] = from_fp8_keys(state[name], exponents).to(STATE_DTYPES[name])
     for name in HALVES:
         if name in state:
             state[name] = state[name].to(STATE_DTYPES[name])

@@ -10,7 +10,13 @@ every merge raises the shared memory's score on all text (docs/experiments.md, "
 * coverage gate: one of the memory's edits covered, the mean over its keys of each key's
   best cosine with a prompt token at least ``coverage_gate``;
 * subject gate: the prompt's text names one of the memory's edits' subjects (edits without
-  a subject keep the key and coverage gates).
+  a subject keep the key and coverage gates);
+* answer gate: and, for that same edit, the prompt's answer position (its last token, or
+  the token being generated) lies within cosine ``answer_gate`` of one of the edit's answer
+  keys.  A merged memory answers by relation, so opening it because a prompt names an
+  edited subject lets every edit with the prompt's relation answer for that subject; the
+  answer position is where a prompt's relation shows ("The founder of X is" against "The
+  CEO of X is"), and the decision is the edit's, not the memory's.
 
 The functions are plain tensor maths; ``Router`` holds the routing settings and makes each
 call's decision from the context that the model-level hook prepares (``RouteContext``),
@@ -25,7 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .maths import activation_score, project_out, scored_tokens
+from .maths import activation_score, answer_match, last_token, project_out, scored_tokens
 from .generation import Generation
 from .subjects import SentenceSubjects, prompt_texts, subject_open
 
@@ -45,6 +51,7 @@ class RouterConfig:
     key_gate: float       # 0: off
     coverage_gate: float  # 0: off (and off whenever key_gate is)
     subject_gate: bool
+    answer_gate: float = 0.0  # 0: off; only with the subject gate
 
     @classmethod
     def plain(cls) -> "RouterConfig":
@@ -54,7 +61,8 @@ class RouterConfig:
     @classmethod
     def from_config(cls, cfg) -> "RouterConfig":  # cfg: wisecli.methods.wise.config.WiseConfig
         return cls(pooling=cfg.score_pooling, hold=cfg.hold_routing, key_gate=cfg.key_gate,
-                   coverage_gate=cfg.coverage_gate, subject_gate=cfg.subject_gate)
+                   coverage_gate=cfg.coverage_gate, subject_gate=cfg.subject_gate,
+                   answer_gate=cfg.answer_gate)
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,9 @@ class RouteContext:
 
     token_mask (B, T): the tokens a score reads (the prompt; never padding, nor a
     teacher-forced answer); decoding: a decode step of ``generation`` (whose prompt was
-    routed; False for a prompt, which starts ``generation``); named (K, B) /
-    keyed (K,): the subject gate's answer for this call's prompts (``subjects.subject_open``),
-    None when the gate has nothing to say.
+    routed; False for a prompt, which starts ``generation``); named (E, B) /
+    keyed (E,): the subject gate's answer per edit for this call's prompts
+    (``subjects.subject_open``), None when the gate has nothing to say.
     """
 
     token_mask: torch.Tensor | None = None
@@ -93,6 +101,8 @@ class MemoryBank(Protocol):
     edit_keys: torch.Tensor
     key_edit: torch.Tensor
     key_memory: torch.Tensor
+    answer_keys: torch.Tensor
+    answer_key_edit: torch.Tensor
     edit_subjects: list[tuple[int, str | None]]
     edit_targets: list[tuple[int, str]]
 
@@ -201,6 +211,8 @@ class Router:
         # What the keys give, rebuilt when a merge replaces the tensors.
         self._unit_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
+        self._unit_answers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._per_edit: tuple[list, int, list[tuple[int, str | None]], torch.Tensor] | None = None
 
     def configure(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
@@ -217,17 +229,18 @@ class Router:
         if generation is None:
             generation = Generation(input_ids, follows=not self.cfg.hold and bool(bank.edit_targets))
             if reads_text and input_ids is not None:
-                found, keyed = subject_open(prompt_texts(input_ids, token_mask, self.decode), bank.edit_subjects,
-                                            bank.n_memories)
+                subjects = self._edits(bank)[0]
+                found, keyed = subject_open(prompt_texts(input_ids, token_mask, self.decode), subjects,
+                                            len(subjects))
                 dev = bank.memories.device
                 generation.read_prompt((found.to(dev), keyed.to(dev)), follow, input_ids, token_mask,
-                                       bank.edit_subjects, bank.n_memories, dev)
+                                       subjects, len(subjects), dev)
             return RouteContext(token_mask, False, *(generation.named or (None, None)), ids=input_ids,
                                 generation=generation)
         named = None
         if reads_text:
             named = generation.named if follow is None else \
-                generation.follow_sentence(input_ids, follow, bank.edit_subjects, bank.memories.device)
+                generation.follow_sentence(input_ids, follow, self._edits(bank)[0], bank.memories.device)
         if not self.cfg.hold:
             generation.note_token(input_ids, self.sentences, bank.edit_targets, bank.n_memories)
         return RouteContext(token_mask, True, *(named or (None, None)), ids=input_ids, generation=generation)
@@ -259,14 +272,35 @@ class Router:
         mask = ctx.mask_for(a32.shape[1])
         open_, rank = self._key_gates(a32, mask, bank)
         named = ctx.named if ctx.named is not None and ctx.named.shape[1] == a32.shape[0] else None
-        if named is not None:  # the subject gate; the key gates only for edits without a subject
+        if named is not None:  # the subject and answer gates; the key gates only for edits without a subject
+            named, keyed = self._edit_gates(named.to(a32.device), ctx.keyed.to(a32.device), a32, mask, bank)
             key_open = open_ if open_ is not None else torch.ones_like(named)
-            open_ = named | (ctx.keyed[:, None] & key_open)
+            open_ = named | (keyed[:, None] & key_open)
         if shut is not None:
             open_ = (open_ if open_ is not None else torch.ones_like(shut)) & ~shut
         scores = self._scores(a32.shape[0], mask, open_, bank, delta_out)
         self.last_scores = scores
         return choose_memory(scores, bank.thresholds, rank)
+
+    def _edit_gates(self, named: torch.Tensor, keyed: torch.Tensor, a32: torch.Tensor,
+                    mask: torch.Tensor | None, bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per edit (E, B) -> per memory (K, B): memories with an edit whose subject the text
+        names and (answer gate) whose answer keys its answer position matches; (K,) memories
+        with an edit without a subject.  An edit without answer keys passes the answer gate."""
+        _, n_edits, owner = self._edits(bank)
+        owner = owner.to(a32.device)
+        if self.cfg.answer_gate > 0 and bank.answer_keys.shape[0] and n_edits == named.shape[0]:
+            last = F.normalize(project_out(last_token(a32, mask), bank.basis), dim=-1)
+            best = answer_match(last, self._answer_keys(bank), bank.answer_key_edit, n_edits)
+            has = torch.zeros(n_edits, dtype=torch.bool, device=a32.device)
+            has[bank.answer_key_edit] = True
+            named = named & ((best >= self.cfg.answer_gate) | ~has[:, None])
+        per_memory = torch.zeros(bank.n_memories, named.shape[1], dtype=torch.int32, device=a32.device)
+        keep = owner < bank.n_memories
+        per_memory.index_add_(0, owner[keep], named[keep].to(torch.int32))
+        keyed_k = torch.zeros(bank.n_memories, dtype=torch.bool, device=a32.device)
+        keyed_k[owner[keep][keyed[keep]]] = True
+        return per_memory > 0, keyed_k
 
     def _key_gates(self, a32: torch.Tensor, mask: torch.Tensor | None,
                    bank: MemoryBank) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -313,6 +347,22 @@ class Router:
             unit = F.normalize(project_out(bank.edit_keys.float(), bank.basis), dim=-1)
             c = self._unit_keys = (bank.edit_keys, bank.basis, unit)
         return c[2]
+
+    def _answer_keys(self, bank: MemoryBank) -> torch.Tensor:
+        c = self._unit_answers
+        if c is None or c[0] is not bank.answer_keys or c[1] is not bank.basis:
+            unit = F.normalize(project_out(bank.answer_keys.float(), bank.basis), dim=-1)
+            c = self._unit_answers = (bank.answer_keys, bank.basis, unit)
+        return c[2]
+
+    def _edits(self, bank: MemoryBank) -> tuple[list[tuple[int, str | None]], int, torch.Tensor]:
+        """The subject gate per edit: (edit, subject) pairs, how many, and each edit's memory."""
+        c = self._per_edit
+        subjects = bank.edit_subjects
+        if c is None or c[0] is not subjects or c[1] != len(subjects):
+            c = self._per_edit = (subjects, len(subjects), [(e, s) for e, (_, s) in enumerate(subjects)],
+                                  torch.tensor([k for k, _ in subjects], dtype=torch.long))
+        return c[2], c[1], c[3]
 
     def _owner(self, bank: MemoryBank) -> tuple[torch.Tensor, int]:
         c = self._edit_owner

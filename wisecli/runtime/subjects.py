@@ -24,32 +24,57 @@ def normalise(text: str) -> str:
 
 
 def subject_open(texts: Sequence[str], subjects: Sequence[tuple[int, str | None]],
-                 n_memories: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which memories each prompt names a subject of, and which memories hold edits with none.
+                 n_owners: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which owners (memories, or edits) each prompt names a subject of, and which owners
+    hold an edit with none.
 
-    texts: the prompts (B); subjects: (memory, subject or None) per edit.  Returns
-    ``named`` (K, B) bool and ``keyed`` (K,) bool: memory k holds an edit without a
-    subject, which only the key gate can open.
+    texts: the prompts (B); subjects: (owner, subject or None) per edit.  Returns ``named``
+    (K, B) bool and ``keyed`` (K,) bool: owner k holds an edit without a subject, which
+    only the key gate can open.  Each prompt is checked only against the subjects whose
+    first word it contains, so thousands of edits cost a dictionary lookup per word.
     """
-    named = torch.zeros(n_memories, len(texts), dtype=torch.bool)
-    keyed = torch.zeros(n_memories, dtype=torch.bool)
-    by_memory: dict[int, set[str]] = {}
-    for k, subject in subjects:
-        if not 0 <= k < n_memories:
-            continue
-        if subject and normalise(subject):
-            by_memory.setdefault(k, set()).add(normalise(subject))
-        else:
-            keyed[k] = True
-    norm = [normalise(t) for t in texts]
-    for k, names in by_memory.items():
-        pattern = _pattern(frozenset(names))
-        for b, text in enumerate(norm):
-            named[k, b] = pattern.search(text) is not None
+    named = torch.zeros(n_owners, len(texts), dtype=torch.bool)
+    keyed = torch.zeros(n_owners, dtype=torch.bool)
+    by_word, always, unnamed = _name_index(tuple(subjects), n_owners)
+    if unnamed:
+        keyed[list(unnamed)] = True
+    for b, text in enumerate(normalise(t) for t in texts):
+        candidates = set(always)
+        for word in set(_WORD.findall(text)):
+            candidates.update(by_word.get(word, ()))
+        for owners, pattern in candidates:
+            if pattern.search(text) is not None:
+                named[list(owners), b] = True
     return named, keyed
 
 
-@lru_cache(maxsize=1024)
+_WORD = re.compile(r"\w+")
+_Name = tuple[tuple[int, ...], re.Pattern]  # a subject's owners and its whole-word pattern
+
+
+@lru_cache(maxsize=8)
+def _name_index(subjects: tuple[tuple[int, str | None], ...], n_owners: int
+                ) -> tuple[dict[str, tuple[_Name, ...]], tuple[_Name, ...], frozenset[int]]:
+    """Names by their first word, names without a word to index them by, owners without a subject."""
+    owners: dict[str, set[int]] = {}
+    unnamed = set()
+    for k, subject in subjects:
+        if not 0 <= k < n_owners:
+            continue
+        if subject and normalise(subject):
+            owners.setdefault(normalise(subject), set()).add(k)
+        else:
+            unnamed.add(k)
+    by_word: dict[str, list[_Name]] = {}
+    always: list[_Name] = []
+    for name, ks in owners.items():
+        entry = (tuple(sorted(ks)), _pattern(frozenset([name])))
+        first = _WORD.match(name)
+        (by_word.setdefault(first.group(0), []) if first else always).append(entry)
+    return {w: tuple(v) for w, v in by_word.items()}, tuple(always), frozenset(unnamed)
+
+
+@lru_cache(maxsize=1 << 16)
 def _pattern(names: frozenset[str]) -> re.Pattern:
     """Whole words only: "Apple" is not named by "pineapple", "Australia" is by "Australia's"."""
     return re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(names)))
@@ -90,23 +115,25 @@ class SentenceSubjects:
 
     def sequences(self, subjects: Sequence[tuple[int, str | None]], device: torch.device
                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{length: (token sequences (S, length), their memory (S,))} of every subject, in the
-        spellings a text may use (leading space or not, capitalised or not)."""
+        """{length: (token sequences (S, length), their owner (S,))} of every subject, in the
+        spellings a text may use (leading space or not, capitalised or not); a sequence
+        appears once per owner (two edits may share a subject)."""
         key = (tuple(subjects), str(device))
         if self._compiled is None or self._compiled[0] != key:
-            groups: dict[int, dict[tuple[int, ...], int]] = {}
+            groups: dict[int, dict[tuple[tuple[int, ...], int], None]] = {}
             for k, subject in subjects:
                 for text in _spellings(subject):
                     ids = tuple(self._tok(text, add_special_tokens=False)["input_ids"])
                     if ids:
-                        groups.setdefault(len(ids), {})[ids] = k
-            self._compiled = (key, {n: (torch.tensor(list(g), device=device), torch.tensor(list(g.values()), device=device))
+                        groups.setdefault(len(ids), {})[(ids, k)] = None
+            self._compiled = (key, {n: (torch.tensor([i for i, _ in g], device=device),
+                                        torch.tensor([k for _, k in g], device=device))
                                     for n, g in groups.items()})
         return self._compiled[1]
 
     def in_sentence(self, ids: torch.Tensor, mask: torch.Tensor | None, subjects: Sequence[tuple[int, str | None]],
                     n_memories: int) -> torch.Tensor:
-        """(K, B): memories whose subject occurs after each row's last sentence boundary."""
+        """(K, B): owners (memories, or edits) whose subject occurs after each row's last sentence boundary."""
         real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -ids.shape[1]:].bool()
         boundary = self.boundary(ids.device)
         ends = boundary[ids.clamp(0, boundary.numel() - 1)] & real

@@ -59,6 +59,11 @@ class WiseConfig:
     # Subject gate: a memory opens only for prompts that name one of its edits' subjects
     # (wise/subjects.py); edits without a subject keep the key and coverage gates.
     subject_gate: bool = True
+    # Answer gate: with the subject gate, an edit opens its memory only where the answer
+    # position (a prompt's last token, or the token being generated) is within this cosine
+    # of one of the edit's own (its prompt, a prefixed copy, its chat turns); another
+    # relation of the same subject stays out (0: off).
+    answer_gate: float = 0.6
     # The router's margin loss (paper Eq. 4), in units of the layer's typical output norm.
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
@@ -120,6 +125,7 @@ class WiseConfig:
         _check(0.0 < self.act_ratio <= 1.0, "act_ratio", "must be in (0, 1]")
         _check(0.0 <= self.key_gate < 1.0, "key_gate", "must be in [0, 1)")
         _check(0.0 <= self.coverage_gate < 1.0, "coverage_gate", "must be in [0, 1)")
+        _check(0.0 <= self.answer_gate < 1.0, "answer_gate", "must be in [0, 1)")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.replay_weight >= 0, "replay_weight", "must be >= 0")
         _check(self.learned_nll > 0, "learned_nll", "must be > 0")

@@ -21,7 +21,7 @@ from wisecli.records import EditRecord
 from wisecli.errors import TrainingDiverged
 from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
-from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
+from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, last_token, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask)
 from wisecli.runtime.memory import SideMemoryLayer, stored_state
 from wisecli.runtime.router import RouterConfig
@@ -319,4 +319,15 @@ class WiseEditor:
                                          self._reference_tokens(edits), mem.basis, self.cfg.key_gate)
         else:
             acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
-        mem.add_keys(acts, real, k)
+        mem.add_keys(acts, real, k, self._answer_keys(edits) if self.cfg.answer_gate > 0 else None)
+
+    @torch.no_grad()
+    def _answer_keys(self, edits: list[EditRecord]) -> torch.Tensor:
+        """(E, m, d_in): where each edit's answer is predicted in the ways it was trained: the
+        bare prompt, under the first prefix, and as chat turns (the reply's start, and the
+        end of a reply restating the prompt)."""
+        prefix = self.state.prefixes[:1]
+        rows = [[e.prompt, *[with_prefix(p, e.prompt) for p in prefix],
+                 *(chat_turns(self.tok, e.prompt) if self.cfg.chat_turns else [])] for e in edits]
+        batch, raw = self._layer_inputs([r for row in rows for r in row])
+        return last_token(raw.float(), batch.query_mask).reshape(len(edits), len(rows[0]), -1)

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from wisecli.errors import CheckpointError
-from wisecli.runtime.memory import HALVES, STATE_DTYPES, runtime_state
+from wisecli.runtime.memory import FP8_KEYS, HALVES, STATE_DTYPES, runtime_state
 
 # What a checkpoint may store instead of the layer's dtype (``memory.stored_state``).
 STORED_DTYPES = {**{name: (torch.float32, torch.float16) for name in HALVES},
-                 "edit_keys": (torch.float16, torch.float8_e4m3fn)}
+                 **{name: (torch.float16, torch.float8_e4m3fn) for name in FP8_KEYS}}
 
 
 def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -47,11 +47,12 @@ def _check_stored(tensors: dict[str, torch.Tensor], bad: Any) -> None:
         if name in tensors and tensors[name].dtype not in stored:
             raise bad(f"tensor '{name}' is {tensors[name].dtype}, expected one of "
                       f"{', '.join(str(d) for d in stored)}")
-    fp8, exponents = tensors.get("edit_keys"), tensors.get("key_exponents")
-    if (fp8 is not None and fp8.dtype == torch.float8_e4m3fn) != (exponents is not None):
-        raise bad("tensors 'edit_keys' and 'key_exponents': float8 keys need their exponents, and only they")
-    if exponents is not None and (exponents.dtype != torch.int16 or tuple(exponents.shape) != (fp8.shape[0],)):
-        raise bad(f"tensor 'key_exponents' must be int16 of shape [{fp8.shape[0]}]")
+    for name, exp_name in FP8_KEYS.items():
+        fp8, exponents = tensors.get(name), tensors.get(exp_name)
+        if (fp8 is not None and fp8.dtype == torch.float8_e4m3fn) != (exponents is not None):
+            raise bad(f"tensors '{name}' and '{exp_name}': float8 keys need their exponents, and only they")
+        if exponents is not None and (exponents.dtype != torch.int16 or tuple(exponents.shape) != (fp8.shape[0],)):
+            raise bad(f"tensor '{exp_name}' must be int16 of shape [{fp8.shape[0]}]")
 
 
 def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -59,9 +60,11 @@ def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tupl
     k, m = int(t["memories"].shape[0]) if t["memories"].dim() else -1, int(t["edit_keys"].shape[0])
     rank = int(t["basis"].shape[1]) if t["basis"].dim() == 2 else -1
     replay = int(t["replay_factor"].shape[1]) if t["replay_factor"].dim() == 2 else -1
+    a = int(t["answer_keys"].shape[0])
     return {"memories": (k, d_out, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
             "basis": (d_in, max(rank, 0)) if rank <= d_in else (d_in, d_in), "edit_keys": (m, d_in),
-            "key_edit": (m,), "key_memory": (m,), "replay_count": (),
+            "key_edit": (m,), "key_memory": (m,), "answer_keys": (a, d_in), "answer_key_edit": (a,),
+            "replay_count": (),
             "replay_factor": (0, 0) if replay <= 0 and t["replay_factor"].numel() == 0 else (d_in, max(replay, 0))}
 
 
@@ -73,6 +76,10 @@ def _check_indices(manifest: dict, t: dict[str, torch.Tensor], bad: Any) -> None
         raise bad(f"tensor 'key_memory' points outside the {k} side memories")
     if t["key_edit"].numel() and int(t["key_edit"].min()) < 0:
         raise bad("tensor 'key_edit' holds a negative edit number")
+    n_edits = len(manifest["edits"])
+    if t["answer_key_edit"].numel() and not (0 <= int(t["answer_key_edit"].min())
+                                             and int(t["answer_key_edit"].max()) < n_edits):
+        raise bad(f"tensor 'answer_key_edit' points outside the {n_edits} edits")
     if manifest["router"]["n_memories"] != k:
         raise bad(f"field 'router.n_memories' is {manifest['router']['n_memories']}, the tensors hold {k}")
     placed = [e.get("memory") for e in manifest["edits"]]
