@@ -61,8 +61,8 @@ class WiseConfig:
     subject_gate: bool = True
     # Answer gate: with the subject gate, an edit opens its memory only where the answer
     # position (a prompt's last token, or the token being generated) is within this cosine
-    # of one of the edit's own (its prompt, a prefixed copy, its chat turns); another
-    # relation of the same subject stays out (0: off).
+    # of one of the edit's own (its prompt, its chat turns); another relation of the
+    # same subject stays out (0: off).
     answer_gate: float = 0.6
     # The router's margin loss (paper Eq. 4), in units of the layer's typical output norm.
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
