@@ -8,6 +8,7 @@ change fields whose best value depends on the model (its depth, its step size).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import reprlib
@@ -238,12 +239,19 @@ def from_dict(data: dict[str, Any], where: str = "config", lines: dict[str, int]
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{at(unknown[0])}: unknown key '{_short(unknown[0], 40).strip(chr(39))}'",
-                          hint=f"known keys: {', '.join(sorted(known))}")
+                          hint=_known_hint(str(unknown[0]), known))
     values = {k: _coerce(known[k], v, at(k)) for k, v in data.items()}
     try:
         return WiseConfig(**values)
     except ConfigError as exc:  # a value out of range: name the file (and line) it came from
         raise ConfigError(f"{at(getattr(exc, 'field', ''))}: {exc}", hint=exc.hint) from None
+
+
+def _known_hint(key: str, known: dict[str, Any]) -> str:
+    """The closest knob names, or where the list is: all of them fill a screen."""
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    where = "the WiseConfig fields in wisecli/methods/wise/config.py"
+    return f"did you mean {', '.join(close)}? (all keys: {where})" if close else f"keys are {where}"
 
 
 def _without_removed(data: dict[str, Any], at: Callable[[str], str]) -> dict[str, Any]:
