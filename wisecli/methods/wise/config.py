@@ -64,7 +64,7 @@ class WiseConfig:
     # position (a prompt's last token, or the token being generated) is within this cosine
     # of one of the edit's own (its prompt, its chat turns); another relation of the
     # same subject stays out (0: off).
-    answer_gate: float = 0.6
+    answer_gate: float = 0.5
     # The router's margin loss (paper Eq. 4), in units of the layer's typical output norm.
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
