@@ -209,9 +209,8 @@ class Router:
         self.last_route: torch.Tensor | None = None   # (B,) of the last call (None: not routed)
         self.last_scores: torch.Tensor | None = None  # (K, B) gated scores of the last decision
         # What the keys give, rebuilt when a merge replaces the tensors.
-        self._unit_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._units: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
-        self._unit_answers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._per_edit: tuple[list, int, list[tuple[int, str | None]], torch.Tensor] | None = None
 
     def configure(self, cfg: RouterConfig) -> None:
@@ -341,18 +340,16 @@ class Router:
 
     # ---- caches of what the keys give, rebuilt when a merge replaces the tensors -------------
     def _keys(self, bank: MemoryBank) -> torch.Tensor:
-        """The keys as the gate reads them: projected like the activations, unit norm."""
-        c = self._unit_keys
-        if c is None or c[0] is not bank.edit_keys or c[1] is not bank.basis:
-            unit = F.normalize(project_out(bank.edit_keys.float(), bank.basis), dim=-1)
-            c = self._unit_keys = (bank.edit_keys, bank.basis, unit)
-        return c[2]
+        return self._unit("edit", bank.edit_keys, bank.basis)
 
     def _answer_keys(self, bank: MemoryBank) -> torch.Tensor:
-        c = self._unit_answers
-        if c is None or c[0] is not bank.answer_keys or c[1] is not bank.basis:
-            unit = F.normalize(project_out(bank.answer_keys.float(), bank.basis), dim=-1)
-            c = self._unit_answers = (bank.answer_keys, bank.basis, unit)
+        return self._unit("answer", bank.answer_keys, bank.basis)
+
+    def _unit(self, name: str, keys: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Keys as a gate reads them: projected like the activations, unit norm."""
+        c = self._units.get(name)
+        if c is None or c[0] is not keys or c[1] is not basis:
+            c = self._units[name] = (keys, basis, F.normalize(project_out(keys.float(), basis), dim=-1))
         return c[2]
 
     def _edits(self, bank: MemoryBank) -> tuple[list[tuple[int, str | None]], int, torch.Tensor]:
