@@ -212,6 +212,7 @@ class Router:
         self._units: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._edit_owner: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self._per_edit: tuple[list, int, list[tuple[int, str | None]], torch.Tensor] | None = None
+        self._no_answer: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def configure(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
@@ -287,13 +288,10 @@ class Router:
         names and (answer gate) whose answer keys its answer position matches; (K,) memories
         with an edit without a subject.  An edit without answer keys passes the answer gate."""
         _, n_edits, owner = self._edits(bank)
-        owner = owner.to(a32.device)
         if self.cfg.answer_gate > 0 and bank.answer_keys.shape[0] and n_edits == named.shape[0]:
             last = F.normalize(project_out(last_token(a32, mask), bank.basis), dim=-1)
             best = answer_match(last, self._answer_keys(bank), bank.answer_key_edit, n_edits)
-            has = torch.zeros(n_edits, dtype=torch.bool, device=a32.device)
-            has[bank.answer_key_edit] = True
-            named = named & ((best >= self.cfg.answer_gate) | ~has[:, None])
+            named = named & ((best >= self.cfg.answer_gate) | self._keyless(bank, n_edits)[:, None])
         per_memory = torch.zeros(bank.n_memories, named.shape[1], dtype=torch.int32, device=a32.device)
         keep = owner < bank.n_memories
         per_memory.index_add_(0, owner[keep], named[keep].to(torch.int32))
@@ -353,13 +351,24 @@ class Router:
         return c[2]
 
     def _edits(self, bank: MemoryBank) -> tuple[list[tuple[int, str | None]], int, torch.Tensor]:
-        """The subject gate per edit: (edit, subject) pairs, how many, and each edit's memory."""
+        """The subject gate per edit: (edit, subject) pairs, how many, and each edit's memory
+        (on the memories' device)."""
         c = self._per_edit
         subjects = bank.edit_subjects
-        if c is None or c[0] is not subjects or c[1] != len(subjects):
+        if c is None or c[0] is not subjects or c[1] != len(subjects) or c[3].device != bank.memories.device:
             c = self._per_edit = (subjects, len(subjects), [(e, s) for e, (_, s) in enumerate(subjects)],
-                                  torch.tensor([k for k, _ in subjects], dtype=torch.long))
+                                  torch.tensor([k for k, _ in subjects], dtype=torch.long,
+                                               device=bank.memories.device))
         return c[2], c[1], c[3]
+
+    def _keyless(self, bank: MemoryBank, n_edits: int) -> torch.Tensor:
+        """(E,) edits without answer keys (written before the gate): they pass it."""
+        c = self._no_answer
+        if c is None or c[0] is not bank.answer_key_edit or c[1] != n_edits:
+            keyless = torch.ones(n_edits, dtype=torch.bool, device=bank.answer_key_edit.device)
+            keyless[bank.answer_key_edit] = False
+            c = self._no_answer = (bank.answer_key_edit, n_edits, keyless)
+        return c[2]
 
     def _owner(self, bank: MemoryBank) -> tuple[torch.Tensor, int]:
         c = self._edit_owner
