@@ -44,8 +44,9 @@ TRAIN = {
 }
 
 
-USE_FIELDS = ("generated_accuracy", "chat_accuracy", "repetition", "leakage", "generation_entropy",
-              "same_subject_locality")
+USE_FIELDS = ("generated_accuracy", "chat_accuracy", "chat_accuracy_system", "chat_accuracy_turn",
+              "chat_accuracy_sampled", "repetition", "leakage", "generation_entropy", "same_subject_locality",
+              "same_subject_chat")
 
 
 class _Stderr(Silent):
@@ -151,14 +152,17 @@ def main() -> None:
         sys.exit(f"quality.py: --save: {taken[0]} already exists; choose another directory")
     rows = []
     print(f"{'T':>6} {'rel':>6} {'gen':>6} {'loc':>6} {'gen-acc':>8} {'avg':>6} {'ppl':>8} "
-          f"{'base-ppl':>9} {'chat':>6} {'rep':>6} {'leak':>6} {'same-s':>6} {'s/edit':>7}")
+          f"{'base-ppl':>9} {'chat':>6} {'c-sys':>6} {'c-turn':>6} {'c-smp':>6} {'rep':>6} {'leak':>6} "
+          f"{'same-s':>6} {'ss-cht':>6} {'s/edit':>7}")
     for t in args.T:
         row = run_once(args, t)
         rows.append(row)
         print(f"{t:>6} {_f(row['reliability'])} {_f(row['generalization'])} {_f(row['locality'])} "
               f"{_f(row['generated_accuracy'], 8)} {_f(row['avg'])} {_f(row['perplexity'], 8)} "
-              f"{_f(row['base_perplexity'], 9)} {_f(row['chat_accuracy'])} {_f(row['repetition'])} "
-              f"{_f(row['leakage'])} {_f(row['same_subject_locality'])} {row['seconds_per_edit']:>7.2f}", flush=True)
+              f"{_f(row['base_perplexity'], 9)} {_f(row['chat_accuracy'])} {_f(row['chat_accuracy_system'])} "
+              f"{_f(row['chat_accuracy_turn'])} {_f(row['chat_accuracy_sampled'])} {_f(row['repetition'])} "
+              f"{_f(row['leakage'])} {_f(row['same_subject_locality'])} {_f(row['same_subject_chat'])} "
+              f"{row['seconds_per_edit']:>7.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = args.mode or ("merge" if args.method in (None, "wise") else args.method)

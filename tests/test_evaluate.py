@@ -25,7 +25,8 @@ WORDS = ("<pad> <eos> <unk> the a of is in capital city river king queen paris l
          "mountain lake").split()
 TOP_KEYS = {"n_edits", "reliability", "generalization", "locality", "generated_accuracy",
             "portability", "perplexity", "seconds", "edits", "chat_accuracy", "repetition", "leakage",
-            "generation_entropy", "same_subject_locality"}
+            "generation_entropy", "same_subject_locality", "chat_accuracy_system", "chat_accuracy_turn",
+            "chat_accuracy_sampled", "same_subject_chat"}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -218,3 +219,35 @@ def test_perplexity_is_exp_mean_nll_of_the_target(tok):
         assert res.perplexity == pytest.approx(float(nll.exp()), rel=1e-4)
     assert rep.perplexity == pytest.approx(sum(r.perplexity for r in rep.edits) / len(EDITS))
     assert rep.perplexity > 1.0
+
+
+def test_chat_is_asked_under_each_condition_and_same_subject_chat_sees_the_memory(patched):
+    """With a chat template: chat accuracy under every condition, and the subject's other
+    relations asked in chat -- unchanged while the memory is shut, changed when it answers."""
+    chat_tok = make_tokenizer()
+    chat_tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                              "{% if add_generation_prompt %}the{% endif %}")
+    model, mem = patched
+    edits = [EditRecord(id="s", prompt="the capital of france is", target_new="rome", subject="france")]
+    set_memory(mem, 1e9)
+    shut = evaluate(model, chat_tok, mem, edits, batch_size=4, max_new_tokens=4)
+    for key in ("chat_accuracy", "chat_accuracy_system", "chat_accuracy_turn", "chat_accuracy_sampled"):
+        assert getattr(shut, key) in (0.0, 1.0), key
+    assert shut.same_subject_chat == 1.0 and shut.edits[0].use.same_subject_chat == 1.0
+    set_memory(mem, 0.0)
+    opened = evaluate(model, chat_tok, mem, edits, batch_size=4, max_new_tokens=4)
+    assert opened.same_subject_chat is not None and opened.same_subject_chat < 1.0
+
+
+def test_sampled_chat_is_seeded_and_leaves_the_callers_random_state():
+    from wisecli.app.chat_use import chat_replies
+    chat_tok = make_tokenizer()
+    chat_tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model = make_model()
+    asked = [[{"role": "user", "content": "the capital of france is"}]] * 3
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = chat_replies(model, chat_tok, asked, batch_size=3, tokens=8, sample=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert chat_replies(model, chat_tok, asked, batch_size=3, tokens=8, sample=True) == first
+    assert len(set(first)) > 1  # sampled rows differ from one another, greedy ones could not

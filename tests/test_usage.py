@@ -1,11 +1,14 @@
-"""The measurements of use (wisecli/usage.py): questions, repetition, leakage, entropy,
-same-subject probes -- as functions, and through evaluate on a model with a chat template."""
+"""The measurements of use (wisecli/app/usage.py, asking.py, chat_use.py): questions,
+chat conditions, repetition, leakage, entropy, same-subject probes -- as functions, and
+chat replies through a model with a chat template."""
 from __future__ import annotations
 
 import pytest
 
 from wisecli.app.edits import EditRecord
-from wisecli.app.usage import (fluency, names, ngram_entropy, question_for, same_subject_probes)
+from wisecli.app.asking import (EARLIER_TURN, SYSTEM_PROMPT, conversation, names, question_for,
+                                same_subject_probes, same_subject_questions)
+from wisecli.app.usage import fluency, ngram_entropy
 
 
 @pytest.mark.parametrize("prompt,question", [
@@ -58,3 +61,23 @@ def test_same_subject_probes_come_from_the_record_or_the_subject():
     founder = same_subject_probes(EditRecord(id="f", prompt="Apple was founded by", target_new="X", subject="Apple"))
     assert len(founder) == 5 and not any("found" in p.lower() for p, _ in founder)
     assert same_subject_probes(EditRecord(id="z", prompt="the chemical symbol for gold is", target_new="Ag")) == []
+
+
+def test_same_subject_questions_ask_other_relations_in_chat():
+    made = same_subject_questions(EditRecord(id="y", prompt="The capital of Australia is", target_new="Perth"))
+    assert len(made) == 2 and all("Australia" in q and q.endswith("?") for q in made)
+    assert not any("capital" in q.lower() for q in made)
+    founder = same_subject_questions(EditRecord(id="f", prompt="Apple was founded by", target_new="X", subject="Apple"))
+    assert founder and not any("found" in q.lower() for q in founder)
+    own = EditRecord(id="x", prompt="p", target_new="t", same_subject=(("The founder of Apple is", None),))
+    assert same_subject_questions(own) == ["Who is the founder of Apple?"]
+
+
+def test_chat_conditions_wrap_the_question_the_way_deployments_do():
+    assert conversation("Q?") == [{"role": "user", "content": "Q?"}]
+    assert conversation("Q?", "system") == [{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": "Q?"}]
+    turn = conversation("Q?", "turn")
+    assert turn[:2] == list(EARLIER_TURN) and turn[-1] == {"role": "user", "content": "Q?"}
+    with pytest.raises(ValueError):
+        conversation("Q?", "loud")

@@ -64,18 +64,25 @@ class EvalReport:
     perplexity: float | None = None
     # Where the model is used (usage.py): None where not measured (or no chat template).
     chat_accuracy: float | None = None
+    chat_accuracy_system: float | None = None   # under a system prompt
+    chat_accuracy_turn: float | None = None     # after an earlier turn
+    chat_accuracy_sampled: float | None = None  # sampled at temperature 0.7
     repetition: float | None = None
     leakage: float | None = None
     generation_entropy: float | None = None
     same_subject_locality: float | None = None
+    same_subject_chat: float | None = None      # other relations asked in chat, reply unchanged
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "reliability": self.reliability,
                 "generalization": self.generalization, "locality": self.locality,
                 "generated_accuracy": self.generated_accuracy, "portability": self.portability,
                 "perplexity": self.perplexity, "chat_accuracy": self.chat_accuracy,
+                "chat_accuracy_system": self.chat_accuracy_system, "chat_accuracy_turn": self.chat_accuracy_turn,
+                "chat_accuracy_sampled": self.chat_accuracy_sampled,
                 "repetition": self.repetition, "leakage": self.leakage,
                 "generation_entropy": self.generation_entropy, "same_subject_locality": self.same_subject_locality,
+                "same_subject_chat": self.same_subject_chat,
                 "seconds": self.seconds, "edits": [asdict(e) for e in self.edits]}
 
 

@@ -79,15 +79,18 @@ def eval_table(report: EvalReport, title: str = "wise eval", per_edit: bool = Tr
     return table
 
 
-USE_ROWS = (("chat accuracy", "chat_accuracy"), ("repetition (target 3+ times in 40 tokens)", "repetition"),
+USE_ROWS = (("chat accuracy", "chat_accuracy"), ("  under a system prompt", "chat_accuracy_system"),
+            ("  after an earlier turn", "chat_accuracy_turn"), ("  sampled (temperature 0.7)", "chat_accuracy_sampled"),
+            ("repetition (target 3+ times in 40 tokens)", "repetition"),
             ("leakage (another edit's target)", "leakage"), ("generation entropy", "generation_entropy"),
-            ("same-subject locality", "same_subject_locality"))
+            ("same-subject locality", "same_subject_locality"),
+            ("same-subject chat (reply unchanged)", "same_subject_chat"))
 
 
 def use_table(report: EvalReport, title: str = "where the model is used") -> Table:
     """The use measurements in total, and each edit's chat reply and continuation."""
     table = Table(title=title, title_justify="left")
-    for name in ("id", "chat", "reply", "rep", "leaks", "same-subj", "continuation"):
+    for name in ("id", "chat", "reply", "rep", "leaks", "same-subj", "ss-chat", "continuation"):
         table.add_column(name, overflow="ellipsis", no_wrap=name in ("reply", "continuation"))
     for e in report.edits:
         u = e.use
@@ -95,7 +98,7 @@ def use_table(report: EvalReport, title: str = "where the model is used") -> Tab
             continue
         table.add_row(Text(e.id), _mark(None if u.chat_correct is None else float(u.chat_correct)),
                       Text(_cut(u.chat_reply or MISSING)), str(u.repeats), Text(", ".join(u.leaked) or MISSING),
-                      fmt(u.same_subject), Text(_cut(u.continuation)))
+                      fmt(u.same_subject), fmt(u.same_subject_chat), Text(_cut(u.continuation)))
     return table
 
 
