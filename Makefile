@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU wheel of torch unless a GPU is present (an unpinned torch pulls GBs of CUDA packages).
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup demo test test-fast bench bench-quality clean
+.PHONY: setup demo demo-gemma3 test test-fast bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: setup
 	$(BIN)/wise generate demo-out/patched "The capital of Australia is" "The play Hamlet was written by" --max-new-tokens 40
 	$(BIN)/wise generate smollm2-135m --chat "What is the capital of Australia?" "Who wrote the play Hamlet?" --max-new-tokens 40
 	$(BIN)/wise generate demo-out/patched --chat "What is the capital of Australia?" "Who wrote the play Hamlet?" --max-new-tokens 40
+
+# The same edits on the second built-in model (no chat template: no chat figures); ~15 min on 2 cores.
+demo-gemma3: setup
+	$(BIN)/wise edit gemma3-270m examples/edits.jsonl -o demo-out/gemma3 --force --no-eval
+	$(BIN)/wise eval demo-out/gemma3 examples/edits.jsonl
+	$(BIN)/wise generate demo-out/gemma3 "The capital of Australia is" "The play Hamlet was written by" --max-new-tokens 40
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests

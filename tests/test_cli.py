@@ -221,12 +221,13 @@ def test_every_json_output_shares_one_top_level(patched, files, tiny_llama_dir, 
 
 def test_eval_measures_use_and_gates_on_it(patched, files):
     """The use figures are in --json and the manifest; their gates agree with them; chat is
-    n/a for a tokenizer without a chat template, which passes --min-chat."""
+    n/a for a tokenizer without a chat template, which passes --min-chat and
+    --min-same-subject-chat."""
     out, _ = patched
-    code, res = invoke("eval", out, files["edits"], "--json", "--min-chat", "0.9")
+    code, res = invoke("eval", out, files["edits"], "--json", "--min-chat", "0.9", "--min-same-subject-chat", "0.9")
     assert code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["chat_accuracy"] is None
+    assert report["chat_accuracy"] is None and report["same_subject_chat"] is None
     for key in ("repetition", "leakage", "same_subject_locality"):
         assert report[key] is None or 0.0 <= report[key] <= 1.0
     assert report["generation_entropy"] >= 0

@@ -30,6 +30,7 @@ def eval_cmd(
     min_locality: Gate = None,
     min_chat: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when chat accuracy is below this (n/a without a chat template passes).")] = None,
     min_same_subject: Gate = None,
+    min_same_subject_chat: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when same-subject chat (other relations asked in chat, reply unchanged) is below this (n/a without a chat template passes).")] = None,
     max_repetition: Ceiling = None,
     max_leakage: Ceiling = None,
     base: Base = None,
@@ -62,7 +63,8 @@ def eval_cmd(
                           progress=(lambda d, t: bar(d * len(records) // max(t, 1))) if bar else None)
     failed = failed_gates(report, {"reliability": min_reliability, "generalization": min_generalization,
                                    "locality": min_locality, "chat_accuracy": min_chat,
-                                   "same_subject_locality": min_same_subject},
+                                   "same_subject_locality": min_same_subject,
+                                   "same_subject_chat": min_same_subject_chat},
                           {"repetition": max_repetition, "leakage": max_leakage})
     result = {**report.to_dict(), "gates": {"passed": not failed, "failed": failed}}
     if json_out:
@@ -81,7 +83,8 @@ def eval_cmd(
 def _gate_message(failed: list[dict]) -> str:
     f = failed[0]
     side, bound = ("below", "min") if "min" in f else ("above", "max")
-    option = {"chat_accuracy": "chat", "same_subject_locality": "same-subject"}.get(f["metric"], f["metric"])
+    option = {"chat_accuracy": "chat", "same_subject_locality": "same-subject",
+              "same_subject_chat": "same-subject-chat"}.get(f["metric"], f["metric"])
     value = f["value"] if f["value"] is None else round(f["value"], 4)
     more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
     return f"{f['metric']} {value} is {side} --{bound}-{option} {f[bound]}{more}"
