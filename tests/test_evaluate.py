@@ -237,6 +237,8 @@ def test_chat_is_asked_under_each_condition_and_same_subject_chat_sees_the_memor
     set_memory(mem, 0.0)
     opened = evaluate(model, chat_tok, mem, edits, batch_size=4, max_new_tokens=4)
     assert opened.same_subject_chat is not None and opened.same_subject_chat < 1.0
+    quick = evaluate(model, chat_tok, mem, edits, batch_size=4, max_new_tokens=4, chat_conditions=False)
+    assert quick.chat_accuracy in (0.0, 1.0) and quick.chat_accuracy_system is None and quick.same_subject_chat is None
 
 
 def test_sampled_chat_is_seeded_and_leaves_the_callers_random_state():

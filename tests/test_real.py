@@ -58,6 +58,11 @@ def test_first_batch_holds_and_locality_kept(batches: dict[str, Path]) -> None:
     assert result["reliability"] >= 0.9
     assert result["locality"] >= 0.9
     assert result["generated_accuracy"] >= 0.75
+    # chat asked every way a deployment asks it, and the subject's other relations in chat
+    assert result["chat_accuracy"] >= 0.5
+    for key in ("chat_accuracy_system", "chat_accuracy_turn", "chat_accuracy_sampled", "same_subject_chat"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert all(e["use"]["chat_system"] is not None for e in result["edits"])
 
 
 def test_greedy_generation_gives_new_targets(batches: dict[str, Path]) -> None:
@@ -80,8 +85,8 @@ def test_same_template_about_another_subject_stays_unedited(batches: dict[str, P
 
 
 def test_lifelong_second_batch_keeps_the_first(batches: dict[str, Path]) -> None:
-    both_a = wise("eval", str(batches["patched_b"]), str(batches["a"]))
-    both_b = wise("eval", str(batches["patched_b"]), str(batches["b"]))
+    both_a = wise("eval", str(batches["patched_b"]), str(batches["a"]), "--no-generate")
+    both_b = wise("eval", str(batches["patched_b"]), str(batches["b"]), "--no-generate")
     assert both_a["reliability"] >= 0.9, both_a
     assert both_b["reliability"] >= 0.9, both_b
     assert both_a["locality"] >= 0.9 and both_b["locality"] >= 0.9
@@ -188,7 +193,7 @@ def test_a_moved_patch_only_checkpoint_finds_its_base_by_alias(batches: dict[str
     moved = d / "deeper" / "still" / "patch"
     moved.parent.mkdir(parents=True)
     (d / "p" / "patch").rename(moved)
-    result = wise("eval", str(moved), str(one), "--device", "cpu")
+    result = wise("eval", str(moved), str(one), "--device", "cpu", "--no-generate")
     assert result["reliability"] >= 0.9
 
 

@@ -65,25 +65,31 @@ def chat_correct(reply: str, record: EditRecord) -> bool:
                                                         and names(old, record.target_new) == 0)
 
 
-def work(edits: list[EditRecord], routed: bool) -> int:
+def work(edits: list[EditRecord], routed: bool, conditions: bool = True) -> int:
     """Replies ``measure_chat`` will generate (its progress ticks)."""
+    if not conditions:
+        return len(edits)
     n_same = sum(len(same_subject_questions(e)) for e in edits)
     return len(edits) * (len(CONDITIONS) + 1) + n_same * (2 if routed else 1)
 
 
 def measure_chat(model, tok, mem, edits: list[EditRecord], batch_size: int,
-                 tick: Callable[[int], None]) -> list[ChatUse]:
-    """Each edit's chat accuracy under every condition, and its same-subject chat."""
+                 tick: Callable[[int], None], conditions: bool = True) -> list[ChatUse]:
+    """Each edit's chat accuracy under every condition, and its same-subject chat; without
+    ``conditions`` only the greedy single turn (the quick look ``wise edit`` takes)."""
     questions = [question_for(e) for e in edits]
     correct: list[dict[str, bool]] = [{} for _ in edits]
     plain: list[str] = []
-    for condition, sample in [(c, False) for c in CONDITIONS] + [("plain", True)]:
+    asks = [(c, False) for c in CONDITIONS] + [("plain", True)] if conditions else [("plain", False)]
+    for condition, sample in asks:
         replies = chat_replies(model, tok, [conversation(q, condition) for q in questions], batch_size,
                                sample=sample)
         plain = replies if condition == "plain" and not sample else plain
         for c, e, reply in zip(correct, edits, replies):
             c["sampled" if sample else condition] = chat_correct(reply, e)
         tick(len(edits))
+    if not conditions:
+        return [ChatUse(q, reply, c) for q, reply, c in zip(questions, plain, correct)]
     asked = [(i, [{"role": "user", "content": q}]) for i, e in enumerate(edits) for q in same_subject_questions(e)]
     edited = chat_replies(model, tok, [c for _, c in asked], batch_size)
     tick(len(asked))

@@ -242,12 +242,14 @@ def _locality(model, tok, mem: EditedLayer | None, items: list[tuple[str, str | 
 def evaluate(model, tokenizer, mem: EditedLayer | None, edits: list[EditRecord], *,
              extra_locality: list[tuple[str, str | None]] | None = None,
              batch_size: int = 16, generate: bool = True, max_new_tokens: int | None = None,
-             use: bool = True, progress: Callable[[int, int], None] | None = None) -> EvalReport:
+             use: bool = True, chat_conditions: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Score ``edits`` on the model as it is now (after all edits: the lifelong setting).
 
     ``extra_locality`` pairs count in the total locality only; ``use`` adds the measurements
-    of use (chat, fluency, same-subject: ``usage.py``; needs ``generate``).  The model is put in
-    eval mode for the run (dropout would make the numbers random) and restored afterwards.
+    of use (chat, fluency, same-subject: ``usage.py``; needs ``generate``), with chat asked
+    every way unless not ``chat_conditions`` (then once, greedy: a quicker look).  The model
+    is put in eval mode for the run (dropout would make the numbers random) and restored afterwards.
     """
     use = use and generate
     t0 = time.perf_counter()
@@ -258,7 +260,7 @@ def evaluate(model, tokenizer, mem: EditedLayer | None, edits: list[EditRecord],
     loc_items += list(extra_locality or [])
     n_own = sum(a is None for _, a in loc_items) if mem is not None else 0
     total = len(probes) + (len(loc_items) + n_own if mem is not None else 0) \
-        + (len(edits) if generate else 0) + (usage.work(edits, tokenizer, mem is not None) if use else 0)
+        + (len(edits) if generate else 0) + (usage.work(edits, tokenizer, mem is not None, chat_conditions) if use else 0)
     done = 0
 
     def tick(n: int) -> None:
@@ -277,7 +279,7 @@ def evaluate(model, tokenizer, mem: EditedLayer | None, edits: list[EditRecord],
                           [max_new_tokens or len(encode_answer(tokenizer, e.target_new)) + 3
                            for e in edits], batch_size, tick) if generate else None
         uses, totals = usage.measure(model, tokenizer, mem, edits, batch_size=batch_size, generate=_generate,
-                                     locality=_locality, tick=tick) if use else ([None] * len(edits), {})
+                                     locality=_locality, tick=tick, conditions=chat_conditions) if use else ([None] * len(edits), {})
     finally:
         model.train(was_training)
     results = _results(edits, probes, scored, loc, texts, mem is not None)

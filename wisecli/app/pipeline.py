@@ -152,9 +152,11 @@ def _apply(editor: Editor, records: list[EditRecord], arrival: int | None,
 
 
 def _evaluate(sess: Session, records: list[EditRecord], rep: Reporter) -> EvalReport:
+    """The figures ``wise edit`` prints and keeps in the manifest: chat asked once (``wise
+    eval`` asks it every way and the subject's other relations in chat; minutes more)."""
     n = len(records)
     with rep.phase("evaluating", n) as tick:
-        return evaluate(sess.model, sess.tokenizer, sess.mem, records,
+        return evaluate(sess.model, sess.tokenizer, sess.mem, records, chat_conditions=False,
                         progress=lambda done, total: tick(done * n // max(total, 1), ""))
 
 

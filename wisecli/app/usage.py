@@ -70,17 +70,19 @@ def fluency(edits: list[EditRecord], edited: list[list[str]], base: list[list[st
     return out
 
 
-def work(edits: list[EditRecord], tokenizer, routed: bool) -> int:
+def work(edits: list[EditRecord], tokenizer, routed: bool, conditions: bool = True) -> int:
     """Progress ticks ``measure`` will make."""
     n_cont = sum(1 + len(e.rephrase) for e in edits) * (2 if routed else 1)
     probes = [a for e in edits for _, a in same_subject_probes(e)]
     n_subject = (len(probes) + sum(a is None for a in probes)) if routed else len(probes)
-    return n_cont + (chat_work(edits, routed) if has_chat(tokenizer) else 0) + n_subject
+    return n_cont + (chat_work(edits, routed, conditions) if has_chat(tokenizer) else 0) + n_subject
 
 
 def measure(model, tok, mem, edits: list[EditRecord], *, batch_size: int, generate: Callable,
-            locality: Callable, tick: Callable[[int], None]) -> tuple[list[Use], dict[str, float | None]]:
-    """Every use measurement, per edit and in total.  ``generate`` / ``locality`` are the
+            locality: Callable, tick: Callable[[int], None],
+            conditions: bool = True) -> tuple[list[Use], dict[str, float | None]]:
+    """Every use measurement, per edit and in total (``conditions``: chat asked every way, see
+    ``chat_use``).  ``generate`` / ``locality`` are the
     evaluation's own greedy generation and locality scoring (``metrics``)."""
     groups = [[e.prompt, *e.rephrase] for e in edits]
     flat = [p for g in groups for p in g]
@@ -93,9 +95,9 @@ def measure(model, tok, mem, edits: list[EditRecord], *, batch_size: int, genera
         base = edited
     uses = fluency(edits, _regroup(edited, groups), _regroup(base, groups))
     if has_chat(tok):
-        for use, c in zip(uses, measure_chat(model, tok, mem, edits, batch_size, tick)):
+        for use, c in zip(uses, measure_chat(model, tok, mem, edits, batch_size, tick, conditions)):
             use.chat_question, use.chat_reply, use.chat_correct = c.question, c.reply, c.correct["plain"]
-            use.chat_system, use.chat_turn, use.chat_sampled = c.correct["system"], c.correct["turn"], c.correct["sampled"]
+            use.chat_system, use.chat_turn, use.chat_sampled = (c.correct.get(k) for k in ("system", "turn", "sampled"))
             use.same_subject_chat = c.same_subject
     probes = [(i, p, a) for i, e in enumerate(edits) for p, a in same_subject_probes(e)]
     scores = locality(model, tok, mem, [(p, a) for _, p, a in probes], batch_size, tick)
@@ -116,7 +118,10 @@ def _regroup(flat: list[str], groups: list[list[str]]) -> list[list[str]]:
 def _totals(uses: list[Use], subject_scores: list[float], chat: bool) -> dict[str, float | None]:
     n = len(uses)
     entropies = [u.entropy for u in uses if u.entropy is not None]
-    share = lambda xs: sum(bool(x) for x in xs) / len(xs) if chat and xs else None  # noqa: E731
+    def share(xs: list[bool | None]) -> float | None:
+        asked = [x for x in xs if x is not None]
+        return sum(asked) / len(asked) if chat and asked else None
+
     same_chat = [u.same_subject_chat for u in uses if u.same_subject_chat is not None]
     return {"chat_accuracy": share([u.chat_correct for u in uses]),
             "chat_accuracy_system": share([u.chat_system for u in uses]),
