@@ -46,15 +46,17 @@ def batches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lines = EXAMPLES.read_text().splitlines()
     (d / "a.jsonl").write_text("\n".join(lines[:8]) + "\n")
     (d / "b.jsonl").write_text("\n".join(lines[8:12]) + "\n")
-    wise("edit", "smollm2-135m", str(d / "a.jsonl"), "-o", str(d / "patched-a"), "--device", "cpu")
-    wise("edit", str(d / "patched-a"), str(d / "b.jsonl"), "-o", str(d / "patched-b"), "--device", "cpu")
-    return {"dir": d, "a": d / "a.jsonl", "b": d / "b.jsonl",
+    (d / "a4.jsonl").write_text("\n".join(lines[:4]) + "\n")  # chat asked every way costs a minute per 8
+    wise("edit", "smollm2-135m", str(d / "a.jsonl"), "-o", str(d / "patched-a"), "--device", "cpu", "--no-eval")
+    wise("edit", str(d / "patched-a"), str(d / "b.jsonl"), "-o", str(d / "patched-b"), "--device", "cpu",
+         "--no-eval")
+    return {"dir": d, "a": d / "a.jsonl", "b": d / "b.jsonl", "a4": d / "a4.jsonl",
             "patched_a": d / "patched-a", "patched_b": d / "patched-b"}
 
 
 def test_first_batch_holds_and_locality_kept(batches: dict[str, Path]) -> None:
-    result = wise("eval", str(batches["patched_a"]), str(batches["a"]))
-    assert result["n_edits"] == 8
+    result = wise("eval", str(batches["patched_a"]), str(batches["a4"]))
+    assert result["n_edits"] == 4
     assert result["reliability"] >= 0.9
     assert result["locality"] >= 0.9
     assert result["generated_accuracy"] >= 0.75

@@ -2,9 +2,9 @@
 
 The file layout and its atomic write are in ``checkpoint.py``; this module owns the
 manifest's content.  Its schema is ``wisecli/app/data/manifest.schema.json`` (JSON Schema, every
-manifest read is validated against it); in short (format 4):
+manifest read is validated against it); in short (format 6):
 
-  format_version  4
+  format_version  6
   method          the editing method that wrote the state ("wise"; ``wisecli.methods``)
   tool            {name, version, torch}: what wrote it
   base            {origin, alias (when a built-in alias), model_type, path (where the base
@@ -26,7 +26,7 @@ manifest read is validated against it); in short (format 4):
   tensors         {name: {shape, dtype}} of wise.safetensors
 
 Compatibility: a manifest of any older format is upgraded in ``upgrade`` (one step per
-format version: 1 → 2 → 3 → 4) when it is read, so the rest of the code only ever sees the
+format version: 1 → 2 → … → 6) when it is read, so the rest of the code only ever sees the
 current one.  A tensor state is checked by its method (``Method.check_state``).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from wisecli import methods
 from wisecli.errors import CheckpointError, ConfigError
 from wisecli.runtime.maths import moment_factor
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 # Format 1 grew over releases: a setting added later is missing from the manifests written
 # before it, and those checkpoints were routed as if it were off.
@@ -64,6 +64,8 @@ def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tup
         manifest, tensors = _from_v3(manifest, tensors)
     if manifest["format_version"] == 4:
         manifest, tensors = _from_v4(manifest, tensors)
+    if manifest["format_version"] == 5:
+        manifest, tensors = _from_v5(manifest, tensors)
     validate(manifest, where)
     try:
         method = methods.get(manifest["method"])
@@ -137,4 +139,19 @@ def _from_v4(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
         d_in = int(tensors["basis"].shape[0]) if "basis" in tensors else 0
         tensors.setdefault("answer_keys", torch.zeros(0, d_in, dtype=torch.float16))
         tensors.setdefault("answer_key_edit", torch.zeros(0, dtype=torch.long))
+    return manifest, tensors
+
+
+def _from_v5(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Format 5 → 6: WISE's shards may write through random subspaces and be stored as their
+    factors (``memory.memories_from_shards``).  A format-5 state's shards were masked: it has
+    no factors, its config says so, and edited further it goes on training masked shards."""
+    manifest = {**manifest, "format_version": 6}
+    if manifest.get("method") == "wise":
+        if isinstance(manifest.get("config"), dict):
+            manifest["config"] = {**manifest["config"], "shard_rank": manifest["config"].get("shard_rank", 0)}
+        d_out = int(tensors["memories"].shape[1]) if "memories" in tensors else 0
+        tensors.setdefault("shard_factors", torch.zeros(0, d_out, 0, dtype=torch.float16))
+        tensors.setdefault("shard_memory", torch.zeros(0, dtype=torch.long))
+        tensors.setdefault("shard_seeds", torch.zeros(0, dtype=torch.long))
     return manifest, tensors

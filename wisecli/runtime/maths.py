@@ -7,6 +7,8 @@ The router's own maths (gates, top-1 choice) is in ``router.py``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -245,6 +247,39 @@ def shard_mask(shape: torch.Size | tuple[int, ...], ratio: float, seed: int,
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return (torch.rand(tuple(shape), generator=gen) < ratio).to(device)
+
+
+_PRIME = 2_147_483_647  # 2^31 - 1: every product below stays inside int64
+
+
+def shard_signs(rank: int, d_in: int, seed: int) -> torch.Tensor:
+    """(rank, d_in) random ±1 directions, from integer hashing of (seed, index) rather than a
+    library generator: a checkpoint stores a shard's seed, and any machine and torch version
+    rebuilds the same directions from it."""
+    idx = torch.arange(rank * d_in, dtype=torch.int64)
+    x = (idx * 48_271 + (int(seed) % _PRIME) * 69_621 + 1) % _PRIME
+    for mult in (48_271, 69_621, 16_807):
+        x = (x ^ (x >> 11)) % _PRIME
+        x = (x * mult + 12_345) % _PRIME
+    return (((x >> 15) & 1).float() * 2 - 1).view(rank, d_in)
+
+
+def shard_subspace(rank: int, d_in: int, seed: int, ratio: float) -> torch.Tensor:
+    """(rank, d_in) input directions one knowledge shard writes through: τ·A with A fixed can
+    change the memory only along ``rank`` random directions, as a gradient mask lets it change
+    only some entries.  Scaled so that one step moves the shard's own activations as far as a
+    ``ratio`` mask would (E[AᵀA] = ratio·I)."""
+    return shard_signs(rank, d_in, seed) * math.sqrt(ratio / rank)
+
+
+def subspace_memory(factors: torch.Tensor, seeds: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Σ_s F_s S_s (I − U Uᵀ): a memory made of subspace shards, from their stored factors
+    F_s (d_out, r) (τ_s scaled into them) and seeds; float32, held in float16 values."""
+    d_out, rank = factors.shape[1], factors.shape[2]
+    d_in = basis.shape[0]
+    signs = torch.cat([shard_signs(rank, d_in, int(s)) for s in seeds.tolist()]).to(factors.device)
+    memory = factors.float().permute(1, 0, 2).reshape(d_out, -1) @ project_out(signs, basis)
+    return memory.half().float()
 
 
 def merge_ties(deltas: list[torch.Tensor]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import CacheRefresher, cache_of
-from .maths import fp8_keys, from_fp8_keys, pool_scores, project_out, token_scores
+from .maths import fp8_keys, from_fp8_keys, pool_scores, project_out, subspace_memory, token_scores
 from .generation import Generation, Generations
 from .router import RouteContext, Router, RouterConfig
 
@@ -30,7 +30,8 @@ from .router import RouteContext, Router, RouterConfig
 STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
                 "scale": torch.float32, "basis": torch.float32, "edit_keys": torch.float16,
                 "key_edit": torch.long, "key_memory": torch.long, "answer_keys": torch.float16,
-                "answer_key_edit": torch.long, "replay_factor": torch.float32, "replay_count": torch.float32}
+                "answer_key_edit": torch.long, "replay_factor": torch.float32, "replay_count": torch.float32,
+                "shard_factors": torch.float32, "shard_memory": torch.long, "shard_seeds": torch.long}
 # Key buffers a checkpoint stores as float8 values, with a power of two per key in the second.
 FP8_KEYS = {"edit_keys": "key_exponents", "answer_keys": "answer_key_exponents"}
 
@@ -62,7 +63,8 @@ class SideMemoryLayer(nn.Module):
         empty = {"memories": (0, out_features, in_features), "thresholds": (0,), "min_edit_scores": (0,),
                  "scale": (), "basis": (in_features, 0), "edit_keys": (0, in_features), "key_edit": (0,),
                  "key_memory": (0,), "answer_keys": (0, in_features), "answer_key_edit": (0,),
-                 "replay_factor": (0, 0), "replay_count": ()}
+                 "replay_factor": (0, 0), "replay_count": (), "shard_factors": (0, out_features, 0),
+                 "shard_memory": (0,), "shard_seeds": (0,)}
         for name, shape in empty.items():
             self.register_buffer(name, torch.zeros(shape, dtype=STATE_DTYPES[name], device=dev))
         self.scale.fill_(1.0)
@@ -142,6 +144,34 @@ class SideMemoryLayer(nn.Module):
 
     def replace_memory(self, k: int, delta: torch.Tensor) -> None:
         self.memories[k] = delta.half().float()
+
+    def add_shards(self, k: int, factors: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Subspace shards (``maths.subspace_memory``) merged into memory k, which is returned.
+
+        A memory made of such shards only is rebuilt from all its factors, exactly as a
+        checkpoint that stores the factors alone will rebuild it; one that holds anything else
+        (a masked memory of an older checkpoint) keeps it and adds the new shards."""
+        dev = self.memories.device
+        factors = factors.to(dev).half().float()  # stored in 16 bits, exactly
+        if not self.shard_factors.numel() and self.shard_factors.shape[2] != factors.shape[2]:
+            self.shard_factors = self.shard_factors.new_zeros(0, self.out_features, factors.shape[2])
+        whole = torch.equal(self.memories[k], self.memory_from_shards(k))
+        self.shard_factors = torch.cat([self.shard_factors, factors])
+        self.shard_memory = torch.cat([self.shard_memory, torch.full((len(factors),), k, device=dev)])
+        self.shard_seeds = torch.cat([self.shard_seeds, seeds.to(dev)])
+        if whole:
+            self.memories[k] = self.memory_from_shards(k)
+        else:
+            new = subspace_memory(factors, seeds, self.basis)
+            self.memories[k] = (self.memories[k] + new).half().float()
+        return self.memories[k]
+
+    def memory_from_shards(self, k: int) -> torch.Tensor:
+        """Memory k as its subspace shards alone make it (zeros if it has none)."""
+        sel = self.shard_memory == k
+        if not bool(sel.any()):
+            return torch.zeros_like(self.memories[k])
+        return subspace_memory(self.shard_factors[sel], self.shard_seeds[sel], self.basis)
 
     def set_threshold(self, k: int, min_edit_score: torch.Tensor, act_ratio: float) -> None:
         self.min_edit_scores[k] = min_edit_score
@@ -280,16 +310,36 @@ class _Outputs:
         return self._done[k]
 
 
-HALVES = ("memories", "replay_factor")  # float32 buffers a checkpoint stores in float16
+HALVES = ("memories", "replay_factor", "shard_factors")  # float32 buffers stored in float16
+
+
+def memories_from_shards(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Every memory rebuilt from its subspace shards (``maths.subspace_memory``), or None when
+    the state has no shards.  A memory without shards comes back as zeros."""
+    factors = state.get("shard_factors")
+    if factors is None or not factors.numel():
+        return None
+    basis, owner, seeds = state["basis"].float(), state["shard_memory"], state["shard_seeds"]
+    out = torch.zeros(state["thresholds"].shape[0], factors.shape[1], basis.shape[0], device=factors.device)
+    for k in owner.unique().tolist():
+        sel = owner == k
+        out[k] = subspace_memory(factors[sel], seeds[sel], basis)
+    return out
 
 
 def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The layer's buffers as a checkpoint stores them, losslessly: memories and the replay
-    factor in float16, the keys in float8 with a power of two per key (``FP8_KEYS``),
+    """The layer's buffers as a checkpoint stores them, losslessly: no memories where their
+    subspace shards rebuild them exactly (``memories_from_shards``), memories, shard factors
+    and the replay factor in float16, the keys in float8 with a power of two per key (``FP8_KEYS``),
     where those hold them exactly (``add_memory``, ``replace_memory``, ``set_replay`` and
     ``add_keys`` round them so; an older checkpoint's memories stay float32)."""
     out = dict(state)
+    rebuilt = memories_from_shards(state)
+    if rebuilt is not None and torch.equal(rebuilt, state["memories"].to(rebuilt.device)):
+        del out["memories"]  # the factors make them again, exactly
     for name in HALVES:
+        if name not in out:
+            continue
         half = state[name].half()
         if torch.equal(half.float(), state[name]):
             out[name] = half
@@ -303,6 +353,9 @@ def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def runtime_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``stored_state``'s inverse: those buffers in the layer's dtypes."""
     state = dict(stored)
+    if "memories" not in state and "shard_factors" in state:
+        factors = state["shard_factors"].float()
+        state["memories"] = memories_from_shards({**state, "shard_factors": factors})
     for name, exp_name in FP8_KEYS.items():
         exponents = state.pop(exp_name, None)
         if exponents is not None:

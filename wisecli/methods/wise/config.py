@@ -43,6 +43,9 @@ class WiseConfig:
     # one opens (one memory for 1000 edits forgets; 0: one memory for all).
     edits_per_memory: int = 100
     mask_ratio: float = 0.2
+    # Subspace shards: each shard writes through shard_rank random input directions (τ·A, A
+    # rebuilt from a seed, so only τ is stored) instead of a mask; merged by summing. 0: masks.
+    shard_rank: int = 0
     # Router threshold = act_ratio x the lowest score of the memory's own edits.
     act_ratio: float = 0.8
     # Activations kept per edit (its prompt's loudest tokens): the threshold is re-measured on
@@ -120,7 +123,7 @@ class WiseConfig:
                      "variants_per_step", "tokens_per_edit", "keys_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("min_steps", "n_prefixes", "n_rewordings", "negatives_per_step", "n_neighbours", "null_space_rank",
-                     "replay_rank", "edits_per_memory"):
+                     "replay_rank", "edits_per_memory", "shard_rank"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")
         _check(0.0 < self.act_ratio <= 1.0, "act_ratio", "must be in (0, 1]")

@@ -22,7 +22,7 @@ from wisecli.errors import TrainingDiverged
 from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
                       subject_of, with_prefix)
 from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, last_token, loudest_tokens, merge_ties, min_edit_score,
-                    project_out, project_rows, replay_factor, scored_tokens, shard_mask)
+                    project_out, project_rows, replay_factor, scored_tokens, shard_mask, shard_subspace)
 from wisecli.runtime.memory import SideMemoryLayer, stored_state
 from wisecli.runtime.router import RouterConfig
 from wisecli.methods.wise.recorded import StopForward
@@ -215,10 +215,11 @@ class WiseEditor:
             fold = self._fold_into_last(sum(len(s) for s in group))
             start = self._start_delta(fold)
             results: list[ShardResult] = []
+            indices: list[int] = []
             for shard in group:
                 index = self.state.shards_trained
                 batch, row_edit = self.shard_batch(shard)
-                mask = shard_mask(start.shape, cfg.mask_ratio, cfg.seed * 1_000_003 + index, self.device)
+                mask = self._shard_write(start.shape, index)
 
                 def report(step: int, loss: float, active: int, _n=len(shard), _d=done) -> None:
                     if progress:
@@ -231,6 +232,7 @@ class WiseEditor:
                                   replay=self._replay(), known=known)
                 _check_finite(res, index, cfg)
                 results.append(res)
+                indices.append(index)
                 self.state.shards_trained += 1
                 done += len(shard)
                 if progress:
@@ -239,12 +241,22 @@ class WiseEditor:
                 for e in shard:
                     placed.append({"id": e.id, "shard": index, "steps": res.steps})
             group_edits = [e for s in group for e in s]
-            k = self._merge(results, start, group_edits, fold)
+            k = self._merge(results, start, group_edits, fold, indices)
             for p, e in zip(placed[len(placed) - len(group_edits):], group_edits):
                 p["memory"], p["subject"] = k, subject_of(e.prompt, e.subject)
             self.mem.add_edits(k, [p["subject"] for p in placed[len(placed) - len(group_edits):]],
                                [e.target_new for e in group_edits])
         return placed
+
+    def _shard_write(self, shape: torch.Size, index: int) -> torch.Tensor:
+        """Where shard ``index`` may write: its random mask, or its random input subspace
+        (outside the null-space basis, so the memory it makes needs no projection)."""
+        cfg, seed = self.cfg, self._shard_seed(index)
+        if not cfg.shard_rank:
+            return shard_mask(shape, cfg.mask_ratio, seed, self.device)
+        rank = min(cfg.shard_rank, shape[1])
+        sub = shard_subspace(rank, shape[1], seed, cfg.mask_ratio).to(self.device)
+        return project_out(sub, self.mem.basis)
 
     def _replay(self) -> torch.Tensor | None:
         """Earlier edits' replay factor, when new shards train on top of them (merge mode)."""
@@ -265,19 +277,25 @@ class WiseEditor:
         mem.set_replay(*replay_factor(mem.replay_factor, float(mem.replay_count), new, self.cfg.replay_rank))
 
     def _merge(self, results: list[ShardResult], start: torch.Tensor,
-               edits: list[EditRecord], fold: bool) -> int:
-        """TIES-merge a group of shards; merge mode folds it into the newest memory until that
-        holds ``edits_per_memory``, otherwise (and always in retrieve mode) it becomes a new one.
-        The memory's threshold is then re-measured over every edit it holds, under the memory
-        as it is now: each merge raises all its scores."""
+               edits: list[EditRecord], fold: bool, indices: list[int]) -> int:
+        """Merge a group of shards (TIES for masked shards, a sum for subspace shards, which
+        write through near-orthogonal directions); merge mode folds it into the newest memory
+        until that holds ``edits_per_memory``, otherwise (and always in retrieve mode) it
+        becomes a new one.  The memory's threshold is then re-measured over every edit it
+        holds, under the memory as it is now: each merge raises all its scores."""
         cfg, mem = self.cfg, self.mem
-        new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
         if fold:
             k = mem.n_memories - 1
-            mem.replace_memory(k, new)
         else:
-            k = mem.add_memory(new)
+            k = mem.add_memory(torch.zeros_like(start))
             self.state.memory_edit_counts.append(0)
+        if cfg.shard_rank:
+            rank = results[0].factor.shape[1]
+            factors = torch.stack([r.factor for r in results]) * (cfg.mask_ratio / rank) ** 0.5
+            new = mem.add_shards(k, factors, torch.tensor([self._shard_seed(i) for i in indices]))
+        else:
+            new = project_rows(start + merge_ties([r.delta for r in results]), mem.basis)
+            mem.replace_memory(k, new)
         self._add_keys(edits, k, new)
         sel = mem.key_memory == k
         mem.set_threshold(k, min_edit_score(mem.edit_keys[sel], mem.key_edit[sel], new, mem.scale,
@@ -285,6 +303,9 @@ class WiseEditor:
         self._add_replay(results)
         self.state.memory_edit_counts[k] += len(edits)
         return k
+
+    def _shard_seed(self, index: int) -> int:
+        return self.cfg.seed * 1_000_003 + index
 
     def _edit_seed(self, e: EditRecord) -> int:
         """A seed per edit from its prompt: the same rows whichever batch it arrives in."""

@@ -20,7 +20,7 @@ from wisecli.methods.wise.config import WiseConfig, from_dict, load_config
 from wisecli.methods.wise.editor import EditorState, WiseEditor
 from wisecli.methods.wise.state import check_state
 from wisecli.runtime.hf_remote import attach_layer
-from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.memory import SideMemoryLayer, runtime_state
 from wisecli.runtime.router import RouterConfig
 
 
@@ -75,7 +75,7 @@ def attach(model: nn.Module, target: dict | FFNTarget, tokenizer: Any = None) ->
 
 def restore(mem: SideMemoryLayer, tensors: dict, manifest: dict) -> None:
     """The checkpoint's memories, subjects, targets and routing settings, into the layer."""
-    mems = tensors.get("memories")
+    mems = runtime_state(tensors).get("memories")
     want = (mem.out_features, mem.in_features)
     if mems is None or tuple(mems.shape[1:]) != want:
         got = None if mems is None else tuple(mems.shape)

@@ -25,7 +25,10 @@ def check_state(manifest: dict, tensors: dict[str, torch.Tensor], where: str) ->
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{where}: {message}", hint="the checkpoint is damaged; re-create it with wise edit")
     _check_stored(tensors, bad)
-    tensors = runtime_state(tensors)
+    try:  # memories stored as their shards' factors are rebuilt here
+        tensors = runtime_state(tensors)
+    except (RuntimeError, IndexError, KeyError, ValueError) as exc:
+        raise bad(f"tensors 'shard_*' do not rebuild the side memories ({str(exc).splitlines()[0][:120]})") from None
     missing, extra = sorted(set(STATE_DTYPES) - set(tensors)), sorted(set(tensors) - set(STATE_DTYPES))
     if missing or extra:
         raise bad(f"tensor '{(missing or extra)[0]}' is {'missing' if missing else 'not one wise writes'}")
@@ -61,10 +64,13 @@ def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tupl
     rank = int(t["basis"].shape[1]) if t["basis"].dim() == 2 else -1
     replay = int(t["replay_factor"].shape[1]) if t["replay_factor"].dim() == 2 else -1
     a = int(t["answer_keys"].shape[0])
+    n_shards = int(t["shard_factors"].shape[0]) if t["shard_factors"].dim() == 3 else -1
+    shard_rank = int(t["shard_factors"].shape[2]) if t["shard_factors"].dim() == 3 else -1
     return {"memories": (k, d_out, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
             "basis": (d_in, max(rank, 0)) if rank <= d_in else (d_in, d_in), "edit_keys": (m, d_in),
             "key_edit": (m,), "key_memory": (m,), "answer_keys": (a, d_in), "answer_key_edit": (a,),
-            "replay_count": (),
+            "replay_count": (), "shard_factors": (n_shards, d_out, shard_rank),
+            "shard_memory": (n_shards,), "shard_seeds": (n_shards,),
             "replay_factor": (0, 0) if replay <= 0 and t["replay_factor"].numel() == 0 else (d_in, max(replay, 0))}
 
 
@@ -76,6 +82,8 @@ def _check_indices(manifest: dict, t: dict[str, torch.Tensor], bad: Any) -> None
         raise bad(f"tensor 'key_memory' points outside the {k} side memories")
     if t["key_edit"].numel() and int(t["key_edit"].min()) < 0:
         raise bad("tensor 'key_edit' holds a negative edit number")
+    if t["shard_memory"].numel() and not (0 <= int(t["shard_memory"].min()) and int(t["shard_memory"].max()) < k):
+        raise bad(f"tensor 'shard_memory' points outside the {k} side memories")
     n_edits = len(manifest["edits"])
     if t["answer_key_edit"].numel() and not (0 <= int(t["answer_key_edit"].min())
                                              and int(t["answer_key_edit"].max()) < n_edits):

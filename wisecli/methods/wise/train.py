@@ -26,7 +26,7 @@ from wisecli.methods.wise.recorded import Recorded, map_rows, model_inputs, reco
 
 @dataclass
 class ShardResult:
-    delta: torch.Tensor     # (d_out, d_in) masked update τ ⊙ M, float32
+    delta: torch.Tensor     # (d_out, d_in) the shard's update, τ ⊙ M or τ·A, float32
     steps: int
     loss: float
     learned: int            # edits whose every row is predicted right
@@ -36,6 +36,7 @@ class ShardResult:
     # folded into the replay factor after the merge without a new forward pass.
     edit_acts: torch.Tensor | None = None
     edit_attn: torch.Tensor | None = None
+    factor: torch.Tensor | None = None  # (d_out, r) τ of a subspace shard: delta = τ·A
 
 
 IRRELEVANT = -1   # row_edit of generic irrelevant rows (a sample of them in each step)
@@ -260,12 +261,23 @@ class _Progress:
         return tau
 
 
+def shard_parameter(base_delta: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The trained τ, and how it writes into the memory: τ ⊙ M under a boolean mask (τ as
+    large as the memory), τ·A through a float (r, d_in) subspace (τ is d_out × r)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(base_delta, requires_grad=True), lambda t: t * mask
+    tau = torch.zeros(base_delta.shape[0], mask.shape[0], device=base_delta.device, requires_grad=True)
+    return tau, lambda t: t @ mask
+
+
 def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, layer: int,
                 batch: Batch, row_edit: torch.Tensor, base_delta: torch.Tensor,
                 mask: torch.Tensor, cfg: WiseConfig, *, forward: RowsForward | None = None,
                 progress: Callable[[int, float, int], None] | None = None,
                 replay: torch.Tensor | None = None, known: torch.Tensor | None = None) -> ShardResult:
-    """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits.
+    """Optimise τ so that ``base_delta + τ ⊙ mask`` learns the shard's edits, or, when
+    ``mask`` is a float (r, d_in) subspace (``maths.shard_subspace``), ``base_delta + τ·mask``.
 
     batch: every training row (edit rows, prefixed copies, then irrelevant rows);
     row_edit: (R,) the edit index of each row, IRRELEVANT / NEAR_MISS otherwise.
@@ -279,7 +291,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
     dev = base_delta.device
     batch, mask = batch.to(dev), mask.to(dev)
     rows = shard_rows(batch, row_edit, cfg)
-    tau = torch.zeros_like(base_delta, requires_grad=True)
+    tau, write = shard_parameter(base_delta, mask)
     opt = torch.optim.SGD([tau], lr=cfg.learning_rate, momentum=cfg.momentum)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     rec = record_inputs(model, blocks, mem, layer, batch, known) if forward is None else None
@@ -295,7 +307,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
         step_edits, i_idx = _step_rows(rows.edit, rows.near, rows.irrelevant, cfg, gen, rows.n_variants)
         ce_edits = state.ce_edits(check)
         ce, e_scores, i_tokens, i_mask = run(step_edits[ce_edits].reshape(-1), step_edits.reshape(-1),
-                                             i_idx, base_delta + tau * mask)
+                                             i_idx, base_delta + write(tau))
         loss = margin_loss(e_scores, i_tokens, i_mask, cfg.margin_irrelevant, cfg.margin_edit,
                            cfg.margin_gap, cfg.score_pooling)
         if ce is not None:
@@ -303,7 +315,7 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
                                                   cfg.learned_nll)
             loss = loss + ce_loss
         if replay is not None and cfg.replay_weight:
-            loss = loss + cfg.replay_weight * replay_penalty(tau * mask, replay) / mem.scale ** 2
+            loss = loss + cfg.replay_weight * replay_penalty(write(tau), replay) / mem.scale ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -314,13 +326,14 @@ def train_shard(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, l
             if step >= cfg.min_steps and n_active == 0 and \
                     _separated(i_tokens[n_gate_exempt:], e_scores, cfg.act_ratio):
                 break
-    return _result(state.settled(tau), mask, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
+    return _result(state.settled(tau), write, mask.dtype != torch.bool, step, loss_val, state, rows, rec, batch, time.perf_counter() - t0)
 
 
-def _result(tau: torch.Tensor, mask: torch.Tensor, steps: int, loss: float, state: _Progress,
+def _result(tau: torch.Tensor, write: Callable[[torch.Tensor], torch.Tensor], subspace: bool, steps: int, loss: float, state: _Progress,
             rows: ShardRows, rec: Recorded | None, batch: Batch, seconds: float) -> ShardResult:
     edit_rows = rows.edit.reshape(-1).to(tau.device)
-    return ShardResult(delta=(tau.detach() * mask).float(), steps=steps, loss=loss,
+    return ShardResult(delta=write(tau.detach()).float(), steps=steps, loss=loss,
                        learned=rows.n_edits - int(state.was_wrong.sum()), n_edits=rows.n_edits,
                        seconds=seconds, edit_acts=rec.acts[edit_rows] if rec else None,
-                       edit_attn=batch.attention_mask[edit_rows] if rec else None)
+                       edit_attn=batch.attention_mask[edit_rows] if rec else None,
+                       factor=tau.detach().float() if subspace else None)
