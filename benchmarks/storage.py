@@ -37,8 +37,8 @@ def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, form: str) -> dict[str
     """The layer's buffers after ``t`` edits in merge mode, as ``form`` stores them:
     "format_3" (float32 memories, float16 keys), "masked" or "subspace" (``cfg.shard_rank``)
     shards in the dtypes ``memory.stored_state`` writes (float16 memories, factors and replay
-    factor; float8 keys with an int16 power of two each; memories left out where the shards'
-    factors rebuild them, which ``tests/test_subspace.py`` checks)."""
+    factor; float8 keys with an int16 power of two each; the memories or the shards' factors,
+    whichever is smaller, as ``tests/test_subspace.py`` checks)."""
     k = -(-t // cfg.edits_per_memory)
     m, a = t * cfg.keys_per_edit, t * ANSWER_KEYS_PER_EDIT
     s = -(-t // cfg.edits_per_shard) if form == "subspace" else 0
@@ -55,8 +55,10 @@ def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, form: str) -> dict[str
                "shard_seeds": _sized(torch.long, s)}
     if not old:
         tensors |= {"key_exponents": _sized(torch.int16, m), "answer_key_exponents": _sized(torch.int16, a)}
-    if form != "subspace":
+    if form != "subspace" or s * rank >= k * d_in:  # stored_state keeps the smaller form
         tensors["memories"] = _sized(half, k, d_out, d_in)
+        tensors |= {"shard_factors": _sized(torch.float16, 0, d_out, rank),
+                    "shard_memory": _sized(torch.long, 0), "shard_seeds": _sized(torch.long, 0)}
     return tensors
 
 

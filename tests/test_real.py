@@ -96,6 +96,23 @@ def test_lifelong_second_batch_keeps_the_first(batches: dict[str, Path]) -> None
     assert len(info["edits"]) == 12 and len(info["runs"]) == 2
 
 
+def test_subspace_shards_store_factors_and_hold_the_edits(batches: dict[str, Path]) -> None:
+    """``shard_rank``: each shard writes through 256 random directions; the checkpoint stores
+    the shard's factor (576 x 256) instead of the memory (576 x 1536) and rebuilds it on load."""
+    import safetensors
+
+    d = batches["dir"]
+    (d / "rank.yaml").write_text("shard_rank: 256\n")
+    out = d / "subspace"
+    wise("edit", "smollm2-135m", str(batches["a4"]), "-o", str(out), "--config", str(d / "rank.yaml"),
+         "--device", "cpu", "--no-eval")
+    with safetensors.safe_open(str(out / "wise.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "memories" not in names and "shard_factors" in names
+    result = wise("eval", str(out), str(batches["a4"]), "--no-generate")
+    assert result["reliability"] >= 0.9 and result["locality"] >= 0.9, result
+
+
 def test_unedited_model_did_not_know_the_edits(batches: dict[str, Path]) -> None:
     base = wise("eval", "smollm2-135m", str(batches["a"]), "--no-generate")
     assert base["reliability"] < 0.5

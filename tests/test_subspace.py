@@ -92,12 +92,12 @@ def test_a_checkpoint_stores_factors_not_memories_and_answers_the_same(edited, t
 
 def test_a_memory_holding_more_than_its_shards_is_stored_whole(edited):
     """A masked memory (an older checkpoint's) that later takes subspace shards keeps what it
-    held: it cannot be rebuilt from factors, so the checkpoint stores it."""
+    held: it cannot be rebuilt from factors, so the checkpoint stores it, and not the factors."""
     sess, *_ = edited
     state = {k: v.clone() for k, v in sess.mem.wise_state().items()}
     state["memories"] = state["memories"] + 0.5
     stored = stored_state(state)
-    assert "memories" in stored
+    assert "memories" in stored and stored["shard_factors"].shape[0] == stored["shard_seeds"].numel() == 0
     assert torch.equal(runtime_state(stored)["memories"], state["memories"])
 
 
@@ -124,3 +124,20 @@ def test_shards_pointing_past_the_memories_are_a_damaged_checkpoint(edited, tmp_
     bad = {**tensors, "shard_memory": torch.tensor([0, 3])}
     with pytest.raises(CheckpointError, match="shard"):
         check_state(manifest, bad, "wise.safetensors")
+
+
+def test_plain_transformers_rebuilds_the_memories_from_the_factors(edited, tmp_path, wise_cache):
+    """The checkpoint's ``modeling_wise.py`` (no wisecli) rebuilds the memories from the stored
+    factors and answers exactly as the run did."""
+    from transformers import AutoModelForCausalLM
+
+    sess, cfg, editor, placed = edited
+    tensors, _ = editor.saved()
+    out = tmp_path / "patched"
+    manifest = after_run(sess, cfg, editor.state.to_dict(), RECORDS, placed, None, "edits.jsonl", 1.0)
+    write_checkpoint(out, base_dir=sess.base_dir, tensors=tensors, manifest=manifest)
+    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    texts = [RECORDS[0].prompt, RECORDS[1].prompt, UNEDITED]
+    assert torch.equal(_logits(model, sess.tokenizer, texts), _logits(sess.model, sess.tokenizer, texts))
+    layer = model.get_submodule(sess.target.module_path)
+    assert torch.equal(layer.memories, sess.mem.memories)

@@ -329,19 +329,25 @@ def memories_from_shards(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def stored_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The layer's buffers as a checkpoint stores them, losslessly: no memories where their
-    subspace shards rebuild them exactly (``memories_from_shards``), memories, shard factors
+    subspace shards rebuild them exactly and in fewer bytes (``memories_from_shards``; a
+    rank-256 factor per 10 edits is larger than a 576 × 1536 memory per 100, smaller than a
+    4096 × 11008 one), memories, shard factors
     and the replay factor in float16, the keys in float8 with a power of two per key (``FP8_KEYS``),
     where those hold them exactly (``add_memory``, ``replace_memory``, ``set_replay`` and
     ``add_keys`` round them so; an older checkpoint's memories stay float32)."""
     out = dict(state)
     rebuilt = memories_from_shards(state)
-    if rebuilt is not None and torch.equal(rebuilt, state["memories"].to(rebuilt.device)):
-        del out["memories"]  # the factors make them again, exactly
+    if rebuilt is not None and state["shard_factors"].numel() < state["memories"].numel() \
+            and torch.equal(rebuilt, state["memories"].to(rebuilt.device)):
+        del out["memories"]  # the factors make them again, exactly, in fewer bytes
+    elif rebuilt is not None:  # the memories hold everything the factors would rebuild
+        out |= {"shard_factors": state["shard_factors"][:0], "shard_memory": state["shard_memory"][:0],
+                "shard_seeds": state["shard_seeds"][:0]}
     for name in HALVES:
         if name not in out:
             continue
-        half = state[name].half()
-        if torch.equal(half.float(), state[name]):
+        half = out[name].half()
+        if torch.equal(half.float(), out[name]):
             out[name] = half
     for name, exp_name in FP8_KEYS.items():
         values, exponents = fp8_keys(state[name])
