@@ -104,12 +104,14 @@ def test_subspace_shards_store_factors_and_hold_the_edits(batches: dict[str, Pat
     d = batches["dir"]
     (d / "rank.yaml").write_text("shard_rank: 256\n")
     out = d / "subspace"
-    wise("edit", "smollm2-135m", str(batches["a4"]), "-o", str(out), "--config", str(d / "rank.yaml"),
+    two = d / "a2.jsonl"
+    two.write_text("\n".join(batches["a4"].read_text().splitlines()[:2]) + "\n")
+    wise("edit", "smollm2-135m", str(two), "-o", str(out), "--config", str(d / "rank.yaml"),
          "--device", "cpu", "--no-eval")
     with safetensors.safe_open(str(out / "wise.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "memories" not in names and "shard_factors" in names
-    result = wise("eval", str(out), str(batches["a4"]), "--no-generate")
+    result = wise("eval", str(out), str(two), "--no-generate")
     assert result["reliability"] >= 0.9 and result["locality"] >= 0.9, result
 
 
@@ -122,12 +124,16 @@ def test_unedited_model_did_not_know_the_edits(batches: dict[str, Path]) -> None
 def test_gemma3_edit(tmp_path: Path) -> None:
     lines = EXAMPLES.read_text().splitlines()
     (tmp_path / "g.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    out = wise("edit", "gemma3-270m", str(tmp_path / "g.jsonl"), "-o", str(tmp_path / "g"), "--device", "cpu")
-    m = out["metrics"]
+    wise("edit", "gemma3-270m", str(tmp_path / "g.jsonl"), "-o", str(tmp_path / "g"), "--device", "cpu", "--no-eval")
+    m = wise("eval", str(tmp_path / "g"), str(tmp_path / "g.jsonl"), "--no-generate")
     assert m["reliability"] >= 0.9
-    assert m["generated_accuracy"] >= 0.75
     # Weaker than smollm2's 1.0: one locality prompt shares the edit's "was ... by" template.
     assert m["locality"] >= 0.75
+    edits = [json.loads(line) for line in lines[:4]]
+    out = wise("generate", str(tmp_path / "g"), *[e["prompt"] for e in edits], "--max-new-tokens", "6")
+    starts = [g["completion"].strip().lower().startswith(e["target_new"].lower())
+              for e, g in zip(edits, out["generations"])]
+    assert sum(starts) >= 3, out  # greedy continuations start with the new target
 
 
 def test_fast_training_path_equals_full_forward_on_smollm2() -> None:
