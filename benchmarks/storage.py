@@ -3,7 +3,7 @@
 Builds the state ``wise edit``'s defaults leave after T edits (one memory per
 ``edits_per_memory``, ``keys_per_edit`` router keys per edit, the basis and the replay
 factor) at the FFN output projection of a model it never loads, in the dtypes
-``wise.safetensors`` stores (``memory.stored_state``): with masked shards (a 16-bit memory per ``edits_per_memory``), with
+``wise.safetensors`` stores (``stored.stored_state``): with masked shards (a 16-bit memory per ``edits_per_memory``), with
 subspace shards (``shard_rank`` > 0: a 16-bit factor per shard, memories rebuilt from them), and
 in format 3's (float32 memories and replay factor, float16 keys) beside them:
 
@@ -36,7 +36,7 @@ def _sized(dtype: torch.dtype, *shape: int) -> torch.Tensor:
 def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, form: str) -> dict[str, torch.Tensor]:
     """The layer's buffers after ``t`` edits in merge mode, as ``form`` stores them:
     "format_3" (float32 memories, float16 keys), "masked" or "subspace" (``cfg.shard_rank``)
-    shards in the dtypes ``memory.stored_state`` writes (float16 memories, factors and replay
+    shards in the dtypes ``stored.stored_state`` writes (float16 memories, factors and replay
     factor; float8 keys with an int16 power of two each; the memories or the shards' factors,
     whichever is smaller, as ``tests/test_subspace.py`` checks)."""
     k = -(-t // cfg.edits_per_memory)

@@ -17,7 +17,7 @@ from wisecli.errors import CheckpointError
 from wisecli.methods.wise.config import WiseConfig
 from wisecli.methods.wise.editor import WiseEditor
 from wisecli.runtime.maths import shard_signs, shard_subspace, subspace_memory
-from wisecli.runtime.memory import memories_from_shards, runtime_state, stored_state
+from wisecli.runtime.stored import memories_from_shards, runtime_state, stored_state
 
 from test_wise import LEARN, RECORDS, UNEDITED
 from wise_support import ARCHS, arch_dir, logits as _logits, route as _route

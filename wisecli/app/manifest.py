@@ -123,7 +123,7 @@ def _from_v2(manifest: dict) -> dict:
 
 def _from_v3(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Format 3 → 4: WISE's state may now be stored in fewer bits (float16 memories and replay
-    factor, float8 keys with ``key_exponents``: ``memory.stored_state``); a format-3 state is
+    factor, float8 keys with ``key_exponents``: ``stored.stored_state``); a format-3 state is
     one such state already, in float32 and float16."""
     return {**manifest, "format_version": 4}, tensors
 
@@ -144,7 +144,7 @@ def _from_v4(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
 
 def _from_v5(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Format 5 → 6: WISE's shards may write through random subspaces and be stored as their
-    factors (``memory.memories_from_shards``).  A format-5 state's shards were masked: it has
+    factors (``stored.memories_from_shards``).  A format-5 state's shards were masked: it has
     no factors, its config says so, and edited further it goes on training masked shards."""
     manifest = {**manifest, "format_version": 6}
     if manifest.get("method") == "wise":

@@ -23,7 +23,8 @@ from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate
                       subject_of, with_prefix)
 from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, last_token, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask, shard_subspace)
-from wisecli.runtime.memory import SideMemoryLayer, stored_state
+from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.stored import stored_state
 from wisecli.runtime.router import RouterConfig
 from wisecli.methods.wise.recorded import StopForward
 from wisecli.methods.wise.train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard

@@ -20,7 +20,8 @@ from wisecli.methods.wise.config import WiseConfig, from_dict, load_config
 from wisecli.methods.wise.editor import EditorState, WiseEditor
 from wisecli.methods.wise.state import check_state
 from wisecli.runtime.hf_remote import attach_layer
-from wisecli.runtime.memory import SideMemoryLayer, runtime_state
+from wisecli.runtime.memory import SideMemoryLayer
+from wisecli.runtime.stored import runtime_state
 from wisecli.runtime.router import RouterConfig
 
 

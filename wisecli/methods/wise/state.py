@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from wisecli.errors import CheckpointError
-from wisecli.runtime.memory import FP8_KEYS, HALVES, STATE_DTYPES, runtime_state
+from wisecli.runtime.stored import FP8_KEYS, HALVES, STATE_DTYPES, runtime_state
 
-# What a checkpoint may store instead of the layer's dtype (``memory.stored_state``).
+# What a checkpoint may store instead of the layer's dtype (``stored.stored_state``).
 STORED_DTYPES = {**{name: (torch.float32, torch.float16) for name in HALVES},
                  **{name: (torch.float16, torch.float8_e4m3fn) for name in FP8_KEYS}}
 
