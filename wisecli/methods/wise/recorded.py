@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from wisecli.batching import Batch
+from wisecli.batching import Batch, length_groups
 from wisecli.runtime.memory import SideMemoryLayer
 
 
@@ -60,17 +60,40 @@ class Recorded:
 
 def record_inputs(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer, layer: int,
                   batch: Batch, known: torch.Tensor | None = None) -> Recorded:
-    """One forward pass that stops at the side-memory layer, keeping its inputs.
+    """Forward passes that stop at the side-memory layer, keeping its inputs.
 
     ``known``: (K, T_k, d_in) activations of the batch's last K rows, already recorded
     (the irrelevant prompts are the same in every shard, and were most of this pass's
-    cost), left-padded like the batch.  Only the other rows run; the result is the same.
+    cost), left-padded like the batch.  Only the other rows run, in groups of like length
+    (``length_groups``): with left padding and explicit positions a row's real positions
+    come out the same whatever shares its batch, and padding is most of one batch's work.
     """
     n_rows, seq = batch.input_ids.shape
     n_known = 0 if known is None else known.shape[0]
     n_live = n_rows - n_known
-    width = int(batch.attention_mask[:n_live].sum(-1).max()) if n_live else 0
-    live = batch.rows(torch.arange(n_live, device=batch.input_ids.device)).last_cols(width)
+    lengths = batch.attention_mask[:n_live].sum(-1).cpu()
+    width = int(lengths.max()) if n_live else 0
+    block_out, acts = None, None
+    for group in length_groups(lengths):
+        g_width = int(lengths[group].max())
+        idx = group.to(batch.input_ids.device)
+        g_block, g_acts = _run_to_memory(model, blocks, mem, layer, batch.rows(idx).last_cols(g_width))
+        if acts is None:
+            acts = g_acts.new_zeros(n_rows, seq, g_acts.shape[-1])
+            block_out = _like(g_block, n_live, width)
+        acts[idx, seq - g_width:] = g_acts
+        _place(block_out, g_block, idx, g_width)
+    if acts is None:
+        acts = known.new_zeros(n_rows, seq, known.shape[-1])
+    if n_known:
+        k_width = min(known.shape[1], seq)
+        acts[n_live:, seq - k_width:] = known[:, -k_width:].to(acts.dtype)
+    return Recorded(block_out, acts, n_live, width)
+
+
+def _run_to_memory(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer, layer: int,
+                   rows: Batch) -> tuple[Any, torch.Tensor]:
+    """Block L-1's output (None when L == 0) and the memory projection's input for ``rows``."""
     store: dict[str, Any] = {"block_out": None}
 
     def keep_block(_m: nn.Module, _inp: Any, output: Any) -> None:
@@ -80,28 +103,37 @@ def record_inputs(model: nn.Module, blocks: nn.ModuleList, mem: SideMemoryLayer,
         store["acts"] = args[0].detach()
         raise StopForward
 
-    if n_live:
-        handles = [mem.register_forward_pre_hook(keep_acts)]
-        if layer > 0:
-            handles.append(blocks[layer - 1].register_forward_hook(keep_block))
-        try:
-            with torch.no_grad():
-                model(**model_inputs(live))
-        except StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-    if n_known == 0 and width == seq:
-        return Recorded(store["block_out"], store["acts"], n_live, width)
-    like = store["acts"] if n_live else known
-    acts = like.new_zeros(n_rows, seq, like.shape[-1])
-    if n_live:
-        acts[:n_live, seq - width:] = store["acts"]
-    if n_known:
-        k_width = min(known.shape[1], seq)
-        acts[n_live:, seq - k_width:] = known[:, -k_width:].to(acts.dtype)
-    return Recorded(store["block_out"], acts, n_live, width)
+    handles = [mem.register_forward_pre_hook(keep_acts)]
+    if layer > 0:
+        handles.append(blocks[layer - 1].register_forward_hook(keep_block))
+    try:
+        with torch.no_grad():
+            model(**model_inputs(rows))
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return store["block_out"], store["acts"]
+
+
+def _like(obj: Any, n_rows: int, width: int) -> Any:
+    """Zeros shaped like a recorded block output, for ``n_rows`` rows of ``width`` positions
+    (tensors without a row and a position axis are kept as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.new_zeros(n_rows, width, *obj.shape[2:]) if obj.dim() > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_like(o, n_rows, width) for o in obj)
+    return obj
+
+
+def _place(out: Any, part: Any, idx: torch.Tensor, width: int) -> None:
+    """Write one group's block output into rows ``idx``, right-aligned (left padding)."""
+    if isinstance(out, torch.Tensor) and out.dim() > 1:
+        out[idx, out.shape[1] - width:] = part
+    elif isinstance(out, tuple):
+        for o, p in zip(out, part):
+            _place(o, p, idx, width)
 
 
 @contextmanager

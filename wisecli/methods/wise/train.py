@@ -137,7 +137,11 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
     projected = project_out(rec.acts, mem.basis)  # once per shard, not once per step
 
     def scores(idx: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        norms, m = token_scores(F.linear(projected[idx], delta), batch.query_mask[idx])
+        # Only these rows' own width: the irrelevant prompts are a few tokens each, and the
+        # batch is as wide as its longest chat turn.
+        w = int(lengths[idx].max()) if idx.numel() else 1
+        dev_idx = idx.to(delta.device)
+        norms, m = token_scores(F.linear(projected[:, -w:][dev_idx], delta), batch.query_mask[:, -w:][dev_idx])
         return norms / mem.scale, m
 
     def run(ce_idx: torch.Tensor, e_idx: torch.Tensor, i_idx: torch.Tensor, delta: torch.Tensor):
@@ -153,8 +157,8 @@ def fast_forward(model: nn.Module, mem: SideMemoryLayer, blocks: nn.ModuleList, 
             logits = _edit_forward(model, mem, blocks, layer, sub, delta, block_out,
                                    (row.to(dev), col.to(dev)))
             ce = row_losses(logits, gold.to(dev), row.to(dev), ce_idx.numel())
-        e_tok, e_m = scores(e_idx.to(dev), delta)
-        return ce, pool_scores(e_tok, e_m, pooling), *scores(i_idx.to(dev), delta)
+        e_tok, e_m = scores(e_idx, delta)
+        return ce, pool_scores(e_tok, e_m, pooling), *scores(i_idx, delta)
     return run
 
 
