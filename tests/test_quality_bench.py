@@ -79,11 +79,12 @@ def test_many_memories_benchmark_routes_and_matches(tiny_llama_dir, monkeypatch,
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(sys, "argv", ["many_memories.py", "--model", str(tiny_llama_dir), "--device", "cpu",
-                                      "--memories", "12", "--new-tokens", "3", "--reps", "1", "--json"])
+                                      "--memories", "12", "--edits-per-memory", "100", "--new-tokens", "3",
+                                      "--reps", "1", "--json"])
     mod.main()
     printed = capsys.readouterr().out
     res = json.loads(printed[printed.index("{"):])
-    assert res["memories"] == 12 and res["prompts"] == len(mod.ROUTED + mod.OTHER)
+    assert res["memories"] == 12 and res["edits"] == 1200 and res["prompts"] == 8 + len(mod.OTHER)
     assert res["same_tokens"] is True
-    assert res["prompts_routed"] == len(mod.ROUTED)
+    assert res["prompts_routed"] == 8 and res["other_prompts_routed"] == 0
     assert res["seconds_routable_only"] > 0 and res["seconds_every_memory"] > 0

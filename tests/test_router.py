@@ -222,6 +222,48 @@ def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     torch.testing.assert_close(mem(step), want)
 
 
+def test_thousands_of_edits_route_as_if_every_key_were_compared(monkeypatch):
+    """At T=10,000 comparing every prompt token with every key cost more than the model's own
+    layers; the router then lets the subject gate say which memories are possible first.  On
+    1,200 edits in 12 memories it routes and scores exactly as when every key is compared:
+    an edited subject asked its own relation, the same subject asked another (shut by the
+    answer gate), an edit without a subject found by its key, and text naming nothing."""
+    from conftest import make_tokenizer
+    import wisecli.runtime.router as router_module
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    k_mem, per, d_in, d_out = 12, 100, 16, 3
+    n_edits = k_mem * per
+    eye = torch.eye(d_in)
+    answer_keys, edit_keys = torch.randn(n_edits, d_in), torch.randn(n_edits, d_in)
+    answer_keys[0], answer_keys[150], edit_keys[700] = eye[0], eye[1], eye[2]
+    subjects = [(e // per, f"name{e}") for e in range(n_edits)]
+    subjects[0], subjects[150], subjects[700] = (0, "france"), (1, "spain"), (7, None)
+    mem = SideMemoryLayer(torch.nn.Linear(d_in, d_out, bias=False), "linear", d_in, d_out, tokenizer=tok)
+    mem.load_wise_state({**mem.wise_state(), "memories": torch.randn(k_mem, d_out, d_in),
+                         "thresholds": torch.full((k_mem,), 0.01), "answer_keys": answer_keys.half(),
+                         "answer_key_edit": torch.arange(n_edits), "edit_keys": edit_keys.half(),
+                         "key_edit": torch.arange(n_edits), "key_memory": torch.arange(n_edits) // per},
+                        subjects=subjects, targets=[(k, "x") for k, _ in subjects])
+    mem.configure(RouterConfig(pooling="max", hold=True, key_gate=0.9, coverage_gate=0.6, subject_gate=True,
+                               answer_gate=0.8))
+    texts = ["the capital of france is", "the capital of spain is", "the capital of italy is", "who plays music"]
+    ids = tok(texts, return_tensors="pt", padding=True)
+    a = eye[15].repeat(4, ids["input_ids"].shape[1], 1)  # off every planted key
+    a[0, -1], a[1, -1], a[2, -2] = eye[0], eye[0], eye[2]  # france's relation twice; memory 7's key
+
+    def routed() -> tuple[list[int], torch.Tensor]:
+        mem.begin_call(ids["input_ids"], ids["attention_mask"], decoding=False)
+        mem(a)
+        return mem.last_route.tolist(), mem.last_scores.clone()
+    narrowed, narrowed_scores = routed()
+    monkeypatch.setattr(router_module, "SELECTIVE_KEYS", 10 ** 9)
+    monkeypatch.setattr(router_module, "SELECTIVE_FROM", 10 ** 9)
+    every, every_scores = routed()
+    assert narrowed == every == [0, NO_MEMORY, 7, NO_MEMORY]
+    torch.testing.assert_close(narrowed_scores, every_scores)
+
+
 class _Cache:
     """Stands in for transformers' cache object: the generation's identity."""
 

@@ -62,3 +62,32 @@ def test_the_current_sentence_names_a_subject_and_a_boundary_clears_it():
                        ("is", [False, True]), (".", [False, False])):
         recent, named = follow.step(recent, ids(word), named, subjects)
         assert named[:, 0].tolist() == want, word
+
+
+def test_a_generated_token_finds_every_edit_whose_subject_it_ends_among_thousands():
+    """The per-token lookup (a hash table per subject length) names exactly the owners a
+    comparison with every subject's tokens names: 3,000 edits, subjects shared by several
+    edits, one and two words long, rows of a batch ending different subjects or none."""
+    import random
+
+    from conftest import WORDS, make_tokenizer
+    from wisecli.runtime.subjects import SentenceSubjects
+    tok = make_tokenizer()
+    rng = random.Random(0)
+    words = [w for w in WORDS if w.isalpha()]
+    subjects = [(e // 10, " ".join(rng.sample(words, rng.choice((1, 2))))) for e in range(3000)]
+    n_owners = 300
+    follow = SentenceSubjects(tok)
+    span = follow.span(subjects, torch.device("cpu"))
+    for trial in range(20):
+        rows = [" ".join(rng.sample(words, span + 1)) for _ in range(6)]
+        ids = torch.tensor([tok(r, add_special_tokens=False)["input_ids"] for r in rows])
+        named = torch.zeros(n_owners, len(rows), dtype=torch.bool)
+        _, got = follow.step(ids[:, :span], ids[:, span:], named, subjects)
+        want = torch.zeros_like(got)
+        for k, subject in subjects:
+            n = len(subject.split())
+            sub_ids = torch.tensor(tok(subject, add_special_tokens=False)["input_ids"])
+            want[k] |= (ids[:, span + 1 - n:] == sub_ids).all(-1)
+        assert torch.equal(got, want), trial
+        assert trial or bool(got.any())  # the test finds something to find

@@ -40,6 +40,9 @@ NO_MEMORY = -1  # route index meaning "main memory"
 # memories the gates leave open, and only the chosen ones are applied: all of them on every
 # token cost more than the base model.  Below it nothing syncs with the host, which a GPU prefers.
 SELECTIVE_FROM = 8
+# From this many keys (thousands of edits) the subject gate narrows which keys are compared at
+# all: at T=10,000 comparing every token with every key cost more than the model's own layers.
+SELECTIVE_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -270,8 +273,17 @@ class Router:
     def _decide(self, a32: torch.Tensor, ctx: RouteContext, bank: MemoryBank, delta_out: DeltaOut,
                 shut: torch.Tensor | None = None) -> torch.Tensor:
         mask = ctx.mask_for(a32.shape[1])
-        open_, rank = self._key_gates(a32, mask, bank)
         named = ctx.named if ctx.named is not None and ctx.named.shape[1] == a32.shape[0] else None
+        possible = None
+        if named is not None and self._selective(bank):
+            # Thousands of edits: the subject gate first, and keys compared only for the
+            # memories it leaves possible (text naming no edited subject costs no key at all).
+            keyed = ctx.keyed.to(a32.device)
+            possible = self._possible(named.to(a32.device), keyed, bank)
+            if not bool(possible.any()):
+                self.last_scores = torch.zeros(bank.n_memories, a32.shape[0], device=a32.device)
+                return torch.full((a32.shape[0],), NO_MEMORY, dtype=torch.long, device=a32.device)
+        open_, rank = self._key_gates(a32, mask, bank, possible)
         if named is not None:  # the subject and answer gates; the key gates only for edits without a subject
             named, keyed = self._edit_gates(named.to(a32.device), ctx.keyed.to(a32.device), a32, mask, bank)
             key_open = open_ if open_ is not None else torch.ones_like(named)
@@ -282,6 +294,20 @@ class Router:
         self.last_scores = scores
         return choose_memory(scores, bank.thresholds, rank)
 
+    def _selective(self, bank: MemoryBank) -> bool:
+        """Whether gates are worth narrowing first (one host sync): many memories or many edits."""
+        return bank.n_memories >= SELECTIVE_FROM or bank.answer_keys.shape[0] >= SELECTIVE_KEYS \
+            or bank.edit_keys.shape[0] >= SELECTIVE_KEYS
+
+    def _possible(self, named: torch.Tensor, keyed: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
+        """(K,) memories any row could be routed to: one of their edits' subjects is named, or
+        one of their edits has no subject (the key gates decide those)."""
+        _, _, owner = self._edits(bank)
+        per_memory = torch.zeros(bank.n_memories, dtype=torch.bool, device=named.device)
+        hit = (named.any(dim=1) | keyed) & (owner < bank.n_memories)
+        per_memory[owner[hit]] = True
+        return per_memory
+
     def _edit_gates(self, named: torch.Tensor, keyed: torch.Tensor, a32: torch.Tensor,
                     mask: torch.Tensor | None, bank: MemoryBank) -> tuple[torch.Tensor, torch.Tensor]:
         """Per edit (E, B) -> per memory (K, B): memories with an edit whose subject the text
@@ -290,7 +316,7 @@ class Router:
         _, n_edits, owner = self._edits(bank)
         if self.cfg.answer_gate > 0 and bank.answer_keys.shape[0] and n_edits == named.shape[0]:
             last = F.normalize(project_out(last_token(a32, mask), bank.basis), dim=-1)
-            best = answer_match(last, self._answer_keys(bank), bank.answer_key_edit, n_edits)
+            best = self._answer_match(last, named, bank, n_edits)
             named = named & ((best >= self.cfg.answer_gate) | self._keyless(bank, n_edits)[:, None])
         per_memory = torch.zeros(bank.n_memories, named.shape[1], dtype=torch.int32, device=a32.device)
         keep = owner < bank.n_memories
@@ -299,17 +325,37 @@ class Router:
         keyed_k[owner[keep][keyed[keep]]] = True
         return per_memory > 0, keyed_k
 
-    def _key_gates(self, a32: torch.Tensor, mask: torch.Tensor | None,
-                   bank: MemoryBank) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _answer_match(self, last: torch.Tensor, named: torch.Tensor, bank: MemoryBank, n_edits: int) -> torch.Tensor:
+        """(E, B) ``answer_match``; with many keys, computed only for the edits a row names
+        (the rest are shut by the subject gate whatever their keys say, and score -1)."""
+        keys, key_edit = self._answer_keys(bank), bank.answer_key_edit
+        if not self._selective(bank):
+            return answer_match(last, keys, key_edit, n_edits)
+        edits = named.any(dim=1).nonzero().flatten()
+        best = torch.full((n_edits, last.shape[0]), -1.0, device=last.device)
+        if edits.numel():
+            slot = torch.full((n_edits,), -1, dtype=torch.long, device=last.device)
+            slot[edits] = torch.arange(edits.numel(), device=last.device)
+            sel = slot[key_edit] >= 0
+            best[edits] = answer_match(last, keys[sel], slot[key_edit[sel]], edits.numel())
+        return best
+
+    def _key_gates(self, a32: torch.Tensor, mask: torch.Tensor | None, bank: MemoryBank,
+                   possible: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(K, B) memories the key and coverage gates leave open, and what ranks them (key
-        coverage with several memories); (None, None) when the key gate is off."""
+        coverage with several memories); (None, None) when the key gate is off.  ``possible``
+        (K,): only these memories' keys are compared (the others come out shut, at -1)."""
         cfg = self.cfg
         if cfg.key_gate <= 0 or bank.edit_keys.shape[0] == 0:
             return None, None
         by_cover = bank.n_memories > 1
+        keys, key_memory = self._keys(bank), bank.key_memory
         owner = self._owner(bank) if by_cover or cfg.coverage_gate > 0 else None
-        sims, cover = key_match(project_out(a32, bank.basis), mask, self._keys(bank), bank.key_memory,
-                                bank.n_memories, owner)
+        if possible is not None:
+            sel = possible[key_memory]
+            keys, key_memory = keys[sel], key_memory[sel]
+            owner = None if owner is None else (owner[0][sel], owner[1])
+        sims, cover = key_match(project_out(a32, bank.basis), mask, keys, key_memory, bank.n_memories, owner)
         open_ = sims >= cfg.key_gate
         if cfg.coverage_gate > 0:
             open_ = open_ & (cover >= cfg.coverage_gate)

@@ -103,6 +103,7 @@ class SentenceSubjects:
         self._boundary: torch.Tensor | None = None
         self._compiled: tuple[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._targets: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._table: tuple[tuple, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
 
     def boundary(self, device: torch.device) -> torch.Tensor:
         """(V,) bool: tokens that end a sentence (built once, from the vocabulary's strings)."""
@@ -157,12 +158,39 @@ class SentenceSubjects:
         boundary = self.boundary(new.device)
         recent = torch.cat([recent[:, 1:], new], dim=1)
         named = named & ~boundary[new[:, 0].clamp(0, boundary.numel() - 1)][None, :]
-        counts = named.to(torch.int32)
-        for n, (seqs, memory) in self.sequences(subjects, new.device).items():
-            if recent.shape[1] >= n:
-                hit = (recent[:, -n:][:, None, :] == seqs[None]).all(-1)  # (B, S)
-                counts.index_add_(0, memory, hit.T.to(torch.int32))
-        return recent, counts > 0
+        counts = torch.cat([named.to(torch.int32), named.new_zeros(1, named.shape[1], dtype=torch.int32)])
+        cols = torch.arange(named.shape[1], device=new.device)
+        for n, (hashes, seqs, owners) in self.table(subjects, new.device).items():
+            if recent.shape[1] < n:
+                continue
+            window = recent[:, -n:]
+            at = torch.searchsorted(hashes, _hash(window)).clamp_max(hashes.numel() - 1)  # (B,)
+            hit = (seqs[at] == window).all(-1)  # the hash found it and the tokens agree
+            owner = torch.where(hit[:, None] & (owners[at] >= 0), owners[at], named.shape[0])  # (B, M)
+            counts.index_put_((owner.flatten(), cols[:, None].expand_as(owner).flatten()),
+                              torch.ones(owner.numel(), dtype=torch.int32, device=new.device), accumulate=True)
+        return recent, counts[:-1] > 0
+
+    def table(self, subjects: Sequence[tuple[int, str | None]], device: torch.device
+              ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``sequences`` as a lookup table per length: each distinct sequence's hash (sorted),
+        the sequence, and its owners ((U, M), -1 filled).  A generated token then costs a
+        binary search, not a comparison with every edit's subject (10,000 edits: 40,000
+        spellings, which cost more per token than the side memory did)."""
+        key = (tuple(subjects), str(device))
+        if self._table is None or self._table[0] != key:
+            out = {}
+            for n, (seqs, owner) in self.sequences(subjects, device).items():
+                groups: dict[tuple[int, ...], list[int]] = {}
+                for row, k in zip(seqs.tolist(), owner.tolist()):
+                    groups.setdefault(tuple(row), []).append(k)
+                uniq = torch.tensor(list(groups), device=device).reshape(-1, n)
+                width = max(len(v) for v in groups.values())
+                owners = torch.tensor([v + [-1] * (width - len(v)) for v in groups.values()], device=device)
+                order = torch.argsort(_hash(uniq))
+                out[n] = (_hash(uniq)[order], uniq[order], owners[order])
+            self._table = (key, out)
+        return self._table[1]
 
     def targets(self, targets: Sequence[tuple[int, str]], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,6 +213,15 @@ class SentenceSubjects:
     def span(self, subjects: Sequence[tuple[int, str | None]], device: torch.device) -> int:
         """How many recent tokens ``step`` needs: the longest subject's."""
         return max(self.sequences(subjects, device), default=1)
+
+
+def _hash(seqs: torch.Tensor) -> torch.Tensor:
+    """(..., n) token ids -> (...) int64 polynomial hash (wrapping).  A lookup checks the tokens
+    it found, so a collision never names a wrong subject; two of the table's own subjects
+    sharing a hash (odds of about S^2 / 2^64) would hide one of them."""
+    powers = torch.full((seqs.shape[-1],), 1_000_003, dtype=torch.int64, device=seqs.device)
+    powers = torch.cumprod(powers, 0)
+    return (seqs.to(torch.int64) * powers).sum(-1)
 
 
 def _spellings(subject: str | None) -> set[str]:
