@@ -172,4 +172,6 @@ def test_a_continued_run_equals_one_run_in_the_same_turns(runs, tiny_llama_dir, 
     two = safetensors.torch.load_file(str(runs / "full2" / "wise.safetensors"))
     assert set(one) == set(two)
     for name in one:
-        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+        # float32 sums taken in another order (a reloaded model, another batch): on some CPUs a
+        # few entries differ by 3e-5 of their size; statistics not carried over differ by far more
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
