@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from wisecli.runtime.maths import activation_score
 from wisecli.runtime.memory import SideMemoryLayer
-from wisecli.runtime.router import (NO_MEMORY, SELECTIVE_FROM, RouterConfig, choose_memory, key_coverage,
-                                 key_similarity)
+from wisecli.runtime.gates import NO_MEMORY, choose_memory, key_coverage, key_similarity
+from wisecli.runtime.router import SELECTIVE_FROM, RouterConfig
 
 PLAIN = RouterConfig.plain()  # scores alone, mean pooling: what an unconfigured layer does
 

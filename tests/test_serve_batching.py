@@ -16,7 +16,7 @@ from wisecli.app.serve.batcher import QueueFull
 from wisecli.app.serve.decoding import Batch, choose
 from wisecli.app.serve.rows import Row, Sampling
 from wisecli.app.session import open_model
-from wisecli.runtime.router import route_names
+from wisecli.runtime.gates import route_names
 
 from conftest import EDITS, write_jsonl
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from wisecli.errors import WiseError
 from wisecli.app.session import open_model
-from wisecli.runtime.router import route_names
+from wisecli.runtime.gates import route_names
 from wisecli.app.cli import console
 from wisecli.app.cli.options import AllowPickle, Base, Device, DeviceMap, DType, Json, ModelArg
 

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from wisecli.app.serve.rows import Row
 from wisecli.runtime.generation import join_rows, select_rows
-from wisecli.runtime.router import route_names
+from wisecli.runtime.gates import route_names
 
 
 class Batch:
