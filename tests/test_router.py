@@ -187,6 +187,35 @@ def test_answer_gate_opens_for_the_edit_whose_answer_position_matches():
     assert mem.last_route.tolist() == [0, 0, NO_MEMORY]
 
 
+def test_an_edit_stays_shut_where_another_relation_of_its_subject_is_nearer():
+    """One edit, subject "france", its answer key on axis 0 and an other key (another relation
+    of france) on axis 1.  Both prompts name france and both answer positions are within the
+    gate's cosine of the answer key; the one nearer the other key stays out.  Without other
+    keys (a format-6 checkpoint) both open, as they did."""
+    from conftest import make_tokenizer
+    tok = make_tokenizer()
+    mem = SideMemoryLayer(torch.nn.Linear(4, 2, bias=False), "linear", 4, 2, tokenizer=tok)
+    state = {**mem.wise_state(), "memories": torch.ones(1, 2, 4), "thresholds": torch.tensor([0.01]),
+             "answer_keys": torch.eye(4)[:1].half(), "answer_key_edit": torch.tensor([0])}
+    others = {"other_keys": torch.eye(4)[1:2].half(), "other_key_edit": torch.tensor([0])}
+    cfg = RouterConfig(pooling="max", hold=True, key_gate=0.0, coverage_gate=0.0, subject_gate=True, answer_gate=0.5)
+    texts = ["the capital of france is", "the language of france is"]
+    ids = tok(texts, return_tensors="pt", padding=True, padding_side="right")
+    last = ids["attention_mask"].sum(1) - 1
+    a = torch.zeros(2, ids["input_ids"].shape[1], 4)
+    a[:, :, 3] = 1.0
+    a[0, last[0]] = torch.tensor([1.0, 0.6, 0, 0])  # cosine 0.86 with its own key, 0.51 with the other
+    a[1, last[1]] = torch.tensor([0.7, 1.0, 0, 0])  # cosine 0.57 with its own key, 0.82 with the other
+    routes = []
+    for extra in (others, {}):
+        mem.load_wise_state({**state, **extra}, subjects=[(0, "france")], targets=[(0, "x")])
+        mem.configure(cfg)
+        mem.begin_call(ids["input_ids"], ids["attention_mask"], decoding=False)
+        mem(a)
+        routes.append(mem.last_route.tolist())
+    assert routes == [[0, NO_MEMORY], [0, 0]]
+
+
 def test_many_memories_computed_only_where_routable_give_the_same_outputs():
     """Retrieve mode with many memories skips D_k a for gated-off memories; nothing may change."""
     torch.manual_seed(0)
@@ -227,7 +256,8 @@ def test_thousands_of_edits_route_as_if_every_key_were_compared(monkeypatch):
     layers; the router then lets the subject gate say which memories are possible first.  On
     1,200 edits in 12 memories it routes and scores exactly as when every key is compared:
     an edited subject asked its own relation, the same subject asked another (shut by the
-    answer gate), an edit without a subject found by its key, and text naming nothing."""
+    answer gate, and once by the edit's other keys), an edit without a subject found by its
+    key, and text naming nothing."""
     from conftest import make_tokenizer
     import wisecli.runtime.router as router_module
     tok = make_tokenizer()
@@ -239,18 +269,24 @@ def test_thousands_of_edits_route_as_if_every_key_were_compared(monkeypatch):
     answer_keys[0], answer_keys[150], edit_keys[700] = eye[0], eye[1], eye[2]
     subjects = [(e // per, f"name{e}") for e in range(n_edits)]
     subjects[0], subjects[150], subjects[700] = (0, "france"), (1, "spain"), (7, None)
+    other_keys = torch.randn(n_edits, 4, d_in)
+    other_keys[0, 2] = eye[0] + 0.5 * eye[4]  # another relation of france, near its answer key
     mem = SideMemoryLayer(torch.nn.Linear(d_in, d_out, bias=False), "linear", d_in, d_out, tokenizer=tok)
     mem.load_wise_state({**mem.wise_state(), "memories": torch.randn(k_mem, d_out, d_in),
+                         "other_keys": other_keys.reshape(-1, d_in).half(),
+                         "other_key_edit": torch.arange(n_edits).repeat_interleave(4),
                          "thresholds": torch.full((k_mem,), 0.01), "answer_keys": answer_keys.half(),
                          "answer_key_edit": torch.arange(n_edits), "edit_keys": edit_keys.half(),
                          "key_edit": torch.arange(n_edits), "key_memory": torch.arange(n_edits) // per},
                         subjects=subjects, targets=[(k, "x") for k, _ in subjects])
     mem.configure(RouterConfig(pooling="max", hold=True, key_gate=0.9, coverage_gate=0.6, subject_gate=True,
                                answer_gate=0.8))
-    texts = ["the capital of france is", "the capital of spain is", "the capital of italy is", "who plays music"]
+    texts = ["the capital of france is", "the capital of spain is", "the capital of italy is", "who plays music",
+             "the language of france is"]
     ids = tok(texts, return_tensors="pt", padding=True)
-    a = eye[15].repeat(4, ids["input_ids"].shape[1], 1)  # off every planted key
+    a = eye[15].repeat(5, ids["input_ids"].shape[1], 1)  # off every planted key
     a[0, -1], a[1, -1], a[2, -2] = eye[0], eye[0], eye[2]  # france's relation twice; memory 7's key
+    a[4, -1] = eye[0] + 0.45 * eye[4]  # within 0.8 of france's answer key, nearer its other key
 
     def routed() -> tuple[list[int], torch.Tensor]:
         mem.begin_call(ids["input_ids"], ids["attention_mask"], decoding=False)
@@ -260,7 +296,7 @@ def test_thousands_of_edits_route_as_if_every_key_were_compared(monkeypatch):
     monkeypatch.setattr(router_module, "SELECTIVE_KEYS", 10 ** 9)
     monkeypatch.setattr(router_module, "SELECTIVE_FROM", 10 ** 9)
     every, every_scores = routed()
-    assert narrowed == every == [0, NO_MEMORY, 7, NO_MEMORY]
+    assert narrowed == every == [0, NO_MEMORY, 7, NO_MEMORY, NO_MEMORY]
     torch.testing.assert_close(narrowed_scores, every_scores)
 
 

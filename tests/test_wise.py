@@ -66,7 +66,7 @@ def test_wise_state_is_exactly_the_buffers(model_dir):
     state = sess.mem.wise_state()
     assert set(state) == {"memories", "thresholds", "min_edit_scores", "scale", "basis",
                           "edit_keys", "key_edit", "key_memory", "answer_keys", "answer_key_edit",
-                          "replay_factor", "replay_count", "shard_factors", "shard_memory", "shard_seeds"}
+                          "other_keys", "other_key_edit", "replay_factor", "replay_count", "shard_factors", "shard_memory", "shard_seeds"}
     assert tuple(state["memories"].shape) == (0, sess.mem.out_features, sess.mem.in_features)
     # buffers, so state_dict carries them and nothing needs pickle
     keys = {k.rsplit(".", 1)[-1] for k in sess.model.state_dict() if "base_layer" not in k

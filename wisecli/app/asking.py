@@ -17,7 +17,7 @@ import re
 from typing import Callable
 
 from wisecli.app.edits import EditRecord
-from wisecli.methods.wise.augment import subject_of
+from wisecli.methods.wise.augment import content_stems, subject_of
 
 # Other relations a user asks about a subject, as completions (the unedited model's own
 # answer is the reference, so a relation that does not fit the subject still tests it).
@@ -58,7 +58,6 @@ def conversation(question: str, condition: str = "plain") -> list[dict[str, str]
     return before + [{"role": "user", "content": question}]
 
 
-_STOP = {"what", "which", "where", "when", "does", "that", "this", "with", "from", "name", "their", "there"}
 _PERSON = re.compile(r"\b(person|founder|author|creator|inventor|president|director|writer|painter|ceo|king|queen)\b",
                      re.IGNORECASE)
 _SHAPES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
@@ -134,13 +133,7 @@ def _other_relations(record: EditRecord, templates: tuple[str, ...], n: int) -> 
     subject = subject_of(record.prompt, record.subject)
     if not subject:
         return []
-    asked = _stems(record.prompt.replace(subject, " "))
-    other = [p for p in templates if not _stems(p.replace("{s}", " ")) & asked]
+    asked = content_stems(record.prompt.replace(subject, " "))
+    other = [p for p in templates if not content_stems(p.replace("{s}", " ")) & asked]
     start = int(hashlib.sha256(record.prompt.encode()).hexdigest()[:8], 16) % len(other) if other else 0
     return [p.format(s=subject) for p in (other[start:] + other[:start])[:n]]
-
-
-def _stems(text: str) -> set[str]:
-    """Content words by their first five letters ("founded" and "founder" are one)."""
-    words = re.findall(r"[a-z]+", text.casefold())
-    return {w[:5] for w in words if len(w) >= 4 and w not in _STOP}

@@ -16,6 +16,8 @@ checkpoints keep loading on newer PyTorch.
   key_edit, key_memory (M,) i64    the edit and the memory each key belongs to
   answer_keys (A, d_in) f8, answer_key_exponents (A,) i16, answer_key_edit (A,) i64
                                    answer-gate keys and their edit (none before format 5)
+  other_keys (O, d_in) f8, other_key_exponents (O,) i16, other_key_edit (O,) i64
+                                   other relations of each edit's subject (none before format 7)
   replay_factor (d_in, r) f16, replay_count ()   merge mode: F with F F^T earlier edits' mean a a^T
 
 Invariant: nothing half-written is ever visible at the output path.  A write is

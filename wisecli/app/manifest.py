@@ -44,7 +44,7 @@ from wisecli import methods
 from wisecli.errors import CheckpointError, ConfigError
 from wisecli.runtime.maths import moment_factor
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 # Format 1 grew over releases: a setting added later is missing from the manifests written
 # before it, and those checkpoints were routed as if it were off.
@@ -66,6 +66,8 @@ def upgrade(manifest: dict, tensors: dict[str, torch.Tensor], where: str) -> tup
         manifest, tensors = _from_v4(manifest, tensors)
     if manifest["format_version"] == 5:
         manifest, tensors = _from_v5(manifest, tensors)
+    if manifest["format_version"] == 6:
+        manifest, tensors = _from_v6(manifest, tensors)
     validate(manifest, where)
     try:
         method = methods.get(manifest["method"])
@@ -154,4 +156,19 @@ def _from_v5(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
         tensors.setdefault("shard_factors", torch.zeros(0, d_out, 0, dtype=torch.float16))
         tensors.setdefault("shard_memory", torch.zeros(0, dtype=torch.long))
         tensors.setdefault("shard_seeds", torch.zeros(0, dtype=torch.long))
+    return manifest, tensors
+
+
+def _from_v6(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Format 6 → 7: WISE's edits may hold other keys (other relations of their subjects, which
+    keep the answer gate shut).  A format-6 state has none and its config says so: it routes,
+    and edited further trains, exactly as it did."""
+    manifest = {**manifest, "format_version": 7}
+    if manifest.get("method") == "wise":
+        if isinstance(manifest.get("config"), dict):
+            manifest["config"] = {**manifest["config"],
+                                  "other_relations": manifest["config"].get("other_relations", 0)}
+        d_in = int(tensors["basis"].shape[0]) if "basis" in tensors else 0
+        tensors.setdefault("other_keys", torch.zeros(0, d_in, dtype=torch.float16))
+        tensors.setdefault("other_key_edit", torch.zeros(0, dtype=torch.long))
     return manifest, tensors

@@ -29,7 +29,7 @@ from .router import RouterConfig
 PATCHED_MODEL_TYPE = "wise_patched"
 PATCHED_ARCHITECTURE = "WisePatchedForCausalLM"
 MODELING_FILE = "modeling_wise.py"
-READS_FORMAT = 6  # the manifest format this code reads (written with it, so always the same)
+READS_FORMAT = 7  # the manifest format this code reads (written with it, so always the same)
 # What a caller of from_pretrained may set that concerns the base model's loading.
 _PASSED_ON = ("dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "attn_implementation")
 

@@ -53,6 +53,7 @@ class SideMemoryLayer(nn.Module):
         empty = {"memories": (0, out_features, in_features), "thresholds": (0,), "min_edit_scores": (0,),
                  "scale": (), "basis": (in_features, 0), "edit_keys": (0, in_features), "key_edit": (0,),
                  "key_memory": (0,), "answer_keys": (0, in_features), "answer_key_edit": (0,),
+                 "other_keys": (0, in_features), "other_key_edit": (0,),
                  "replay_factor": (0, 0), "replay_count": (), "shard_factors": (0, out_features, 0),
                  "shard_memory": (0,), "shard_seeds": (0,)}
         for name, shape in empty.items():
@@ -168,10 +169,13 @@ class SideMemoryLayer(nn.Module):
         self.thresholds[k] = act_ratio * self.min_edit_scores[k]
 
     def add_keys(self, acts: torch.Tensor, real: torch.Tensor, k: int,
-                 answers: torch.Tensor | None = None) -> None:
+                 answers: torch.Tensor | None = None,
+                 others: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Router keys of new edits held by memory k: acts (E, n, d_in), real (E, n) bool
         (filler where a prompt has fewer tokens); answers (E, m, d_in): their answer
-        positions (the answer gate's keys).  Edits are numbered on from the last."""
+        positions (the answer gate's keys); others, (E, o, d_in) and (E, o) real: the answer
+        positions of other relations of their subjects (the gate stays shut nearer those).  Edits are
+        numbered on from the last."""
         dev = self.memories.device
         first = int(self.key_edit.max()) + 1 if self.key_edit.numel() else 0
         owner = torch.arange(first, first + acts.shape[0], device=dev)[:, None]
@@ -180,9 +184,19 @@ class SideMemoryLayer(nn.Module):
         self.key_edit = torch.cat([self.key_edit, owner.expand_as(real)[real]])
         self.key_memory = torch.cat([self.key_memory, torch.full((int(real.sum()),), k, device=dev)])
         if answers is not None:
-            flat = from_fp8_keys(*fp8_keys(answers.reshape(-1, answers.shape[-1])))
-            self.answer_keys = torch.cat([self.answer_keys, flat.to(self.answer_keys.dtype).to(dev)])
-            self.answer_key_edit = torch.cat([self.answer_key_edit, owner.expand(-1, answers.shape[1]).flatten()])
+            self.answer_keys, self.answer_key_edit = self._with_keys("answer", answers, owner)
+        if others is not None:
+            self.other_keys, self.other_key_edit = self._with_keys("other", others[0], owner, others[1])
+
+    def _with_keys(self, name: str, new: torch.Tensor, owner: torch.Tensor,
+                   real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``{name}_keys`` and ``{name}_key_edit`` with the (E, m, d_in) ``new`` keys appended
+        (where ``real``, (E, m), says a key is one)."""
+        keys, key_edit = getattr(self, f"{name}_keys"), getattr(self, f"{name}_key_edit")
+        real = torch.ones(new.shape[:2], dtype=torch.bool) if real is None else real.cpu()
+        flat = from_fp8_keys(*fp8_keys(new[real.to(new.device)]))
+        return (torch.cat([keys, flat.to(keys.dtype).to(keys.device)]),
+                torch.cat([key_edit, owner.expand(-1, new.shape[1])[real.to(owner.device)]]))
 
     def add_edits(self, k: int, subjects: Sequence[str | None], targets: Sequence[str]) -> None:
         """New edits held by memory k: their subjects and targets (text, in the manifest)."""

@@ -16,7 +16,10 @@ every merge raises the shared memory's score on all text (docs/experiments.md, "
   keys.  A merged memory answers by relation, so opening it because a prompt names an
   edited subject lets every edit with the prompt's relation answer for that subject; the
   answer position is where a prompt's relation shows ("The founder of X is" against "The
-  CEO of X is"), and the decision is the edit's, not the memory's.
+  CEO of X is"), and the decision is the edit's, not the memory's.  An edit may also hold
+  "other keys", the answer positions of other relations of its subject; a position nearer
+  one of those than to every answer key of the edit stays shut (a cosine alone let most
+  other-relation chat questions through: the reply's start is alike for all of them).
 
 The maths is plain tensor functions in ``gates.py``; ``Router`` holds the routing settings and makes each
 call's decision from the context that the model-level hook prepares (``RouteContext``),
@@ -106,6 +109,8 @@ class MemoryBank(Protocol):
     key_memory: torch.Tensor
     answer_keys: torch.Tensor
     answer_key_edit: torch.Tensor
+    other_keys: torch.Tensor
+    other_key_edit: torch.Tensor
     edit_subjects: list[tuple[int, str | None]]
     edit_targets: list[tuple[int, str]]
 
@@ -216,7 +221,7 @@ class Router:
     def _selective(self, bank: MemoryBank) -> bool:
         """Whether gates are worth narrowing first (one host sync): many memories or many edits."""
         return bank.n_memories >= SELECTIVE_FROM or bank.answer_keys.shape[0] >= SELECTIVE_KEYS \
-            or bank.edit_keys.shape[0] >= SELECTIVE_KEYS
+            or bank.edit_keys.shape[0] >= SELECTIVE_KEYS or bank.other_keys.shape[0] >= SELECTIVE_KEYS
 
     def _possible(self, named: torch.Tensor, keyed: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
         """(K,) memories any row could be routed to: one of their edits' subjects is named, or
@@ -245,12 +250,23 @@ class Router:
         return per_memory > 0, keyed_k
 
     def _answer_match(self, last: torch.Tensor, named: torch.Tensor, bank: MemoryBank, n_edits: int) -> torch.Tensor:
-        """(E, B) ``answer_match``; with many keys, computed only for the edits a row names
-        (the rest are shut by the subject gate whatever their keys say, and score -1)."""
-        keys, key_edit = self._answer_keys(bank), bank.answer_key_edit
-        if not self._selective(bank):
+        """(E, B) ``answer_match``, -1 where one of the edit's other keys is at least as close
+        as its best answer key; with many keys, computed only for the edits a row names (the
+        rest are shut by the subject gate whatever their keys say, and score -1)."""
+        edits = named.any(dim=1).nonzero().flatten() if self._selective(bank) else None
+        best = self._match(last, self._answer_keys(bank), bank.answer_key_edit, n_edits, edits)
+        if bank.other_keys.shape[0]:
+            other = self._match(last, self._unit("other", bank.other_keys, bank.basis), bank.other_key_edit,
+                                n_edits, edits)
+            best = torch.where(best > other, best, torch.full_like(best, -1.0))
+        return best
+
+    @staticmethod
+    def _match(last: torch.Tensor, keys: torch.Tensor, key_edit: torch.Tensor, n_edits: int,
+               edits: torch.Tensor | None) -> torch.Tensor:
+        """(E, B) ``answer_match`` over all edits, or (``edits`` given) over those only."""
+        if edits is None:
             return answer_match(last, keys, key_edit, n_edits)
-        edits = named.any(dim=1).nonzero().flatten()
         best = torch.full((n_edits, last.shape[0]), -1.0, device=last.device)
         if edits.numel():
             slot = torch.full((n_edits,), -1, dtype=torch.long, device=last.device)

@@ -17,10 +17,12 @@ from .maths import fp8_keys, from_fp8_keys, subspace_memory
 STATE_DTYPES = {"memories": torch.float32, "thresholds": torch.float32, "min_edit_scores": torch.float32,
                 "scale": torch.float32, "basis": torch.float32, "edit_keys": torch.float16,
                 "key_edit": torch.long, "key_memory": torch.long, "answer_keys": torch.float16,
-                "answer_key_edit": torch.long, "replay_factor": torch.float32, "replay_count": torch.float32,
+                "answer_key_edit": torch.long, "other_keys": torch.float16, "other_key_edit": torch.long,
+                "replay_factor": torch.float32, "replay_count": torch.float32,
                 "shard_factors": torch.float32, "shard_memory": torch.long, "shard_seeds": torch.long}
 # Key buffers a checkpoint stores as float8 values, with a power of two per key in the second.
-FP8_KEYS = {"edit_keys": "key_exponents", "answer_keys": "answer_key_exponents"}
+FP8_KEYS = {"edit_keys": "key_exponents", "answer_keys": "answer_key_exponents",
+            "other_keys": "other_key_exponents"}
 HALVES = ("memories", "replay_factor", "shard_factors")  # float32 buffers stored in float16
 
 

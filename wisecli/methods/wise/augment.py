@@ -1,7 +1,8 @@
-"""Text the model writes for itself: random prefixes and irrelevant prompts.
+"""Text the model writes for itself: random prefixes and irrelevant prompts; and the text an
+edit is trained or keyed on beside its prompt (near misses, rewordings, chat turns, other relations).
 
-Both are generated once per model (seeded) and stored in the manifest, so a
-user needs no data beyond the edits and a later run reuses exactly the same.
+The prefixes and irrelevant prompts are generated once per model (seeded) and stored in the
+manifest, so a user needs no data beyond the edits and a later run reuses exactly the same.
 """
 from __future__ import annotations
 
@@ -129,6 +130,46 @@ def neighbours(prompt: str, subject: str | None, n: int, seed: int,
         picks = rank(subj, pool)[: (n + 1) // 2]
     picks += [i for i in order if i not in picks][: n - len(picks)]
     return [prompt.replace(subj, pool[i], 1) for i in picks]
+
+
+# Other relations of a subject, as a completion and as the question a user asks: an edit's
+# answer gate learns that these are not its own relation (``other_relations``).  None of them is
+# one that ``wise eval`` asks (``app/asking.py``), so its same-subject figures test relations the
+# gate never saw.
+OTHER_RELATIONS = (
+    ("The mother of {s} is", "Who is the mother of {s}?"),
+    ("The spouse of {s} is", "Who is {s} married to?"),
+    ("The population of {s} is", "What is the population of {s}?"),
+    ("The currency of {s} is", "What currency does {s} use?"),
+    ("{s} is a citizen of", "Which country is {s} a citizen of?"),
+    ("The owner of {s} is", "Who owns {s}?"),
+    ("{s} was educated at", "Where was {s} educated?"),
+    ("The genre of {s} is", "What genre is {s}?"),
+    ("{s} received the award", "Which award did {s} receive?"),
+    ("The continent of {s} is", "On which continent is {s}?"),
+    ("The instrument {s} plays is", "What instrument does {s} play?"),
+    ("The parent company of {s} is", "What is the parent company of {s}?"),
+)
+_STOP = {"what", "which", "where", "when", "does", "that", "this", "with", "from", "name", "their", "there"}
+
+
+def content_stems(text: str) -> set[str]:
+    """Content words by their first five letters ("founded" and "founder" are one)."""
+    words = re.findall(r"[a-z]+", text.casefold())
+    return {w[:5] for w in words if len(w) >= 4 and w not in _STOP}
+
+
+def other_relations(prompt: str, subject: str | None, n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (completion, question) pairs asking the edit's subject about relations that share
+    no content word with its prompt, so that none asks the edited relation again."""
+    subj = subject_of(prompt, subject)
+    if not subj or n == 0:
+        return []
+    asked = content_stems(prompt.replace(subj, " "))
+    fit = [(c, q) for c, q in OTHER_RELATIONS
+           if not (content_stems(c.replace("{s}", " ")) | content_stems(q.replace("{s}", " "))) & asked]
+    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(fit[i][0].format(s=subj), fit[i][1].format(s=subj)) for i in order[:n]]
 
 
 def reworded(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:

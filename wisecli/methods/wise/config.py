@@ -70,6 +70,11 @@ class WiseConfig:
     # of one of the edit's own (its prompt, its chat turns); another relation of the
     # same subject stays out (0: off).
     answer_gate: float = 0.5
+    # With the answer gate: per edit, this many other relations of its subject (augment.
+    # OTHER_RELATIONS, as completions and as chat questions) whose answer positions become its
+    # "other keys"; the edit stays shut where one of them is nearer than its own answer keys.
+    # ZsRE 0-49: other relations asked in chat, reply unchanged, 0.02 -> 0.85 (0: off).
+    other_relations: int = 4
     # The router's margin loss (paper Eq. 4), in units of the layer's typical output norm.
     margin_irrelevant: float = 0.05   # alpha: irrelevant prompts stay below this
     margin_edit: float = 0.5          # beta: edit prompts rise above this
@@ -125,7 +130,7 @@ class WiseConfig:
                      "variants_per_step", "tokens_per_edit", "keys_per_edit"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("min_steps", "n_prefixes", "n_rewordings", "negatives_per_step", "n_neighbours", "null_space_rank",
-                     "replay_rank", "edits_per_memory", "shard_rank"):
+                     "replay_rank", "edits_per_memory", "shard_rank", "other_relations"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", "must be in (0, 1]")
         _check(0.0 < self.act_ratio <= 1.0, "act_ratio", "must be in (0, 1]")

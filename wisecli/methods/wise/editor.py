@@ -19,7 +19,7 @@ from wisecli.batching import Batch, encode_pairs
 from wisecli.methods.wise.config import WiseConfig
 from wisecli.records import EditRecord
 from wisecli.errors import TrainingDiverged
-from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, reworded,
+from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, other_relations, reworded,
                       subject_of, with_prefix)
 from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, last_token, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask, shard_subspace)
@@ -341,7 +341,9 @@ class WiseEditor:
                                          self._reference_tokens(edits), mem.basis, self.cfg.key_gate)
         else:
             acts, real = loudest_tokens(raw.float(), batch.query_mask, memory, self.cfg.keys_per_edit)
-        mem.add_keys(acts, real, k, self._answer_keys(edits) if self.cfg.answer_gate > 0 else None)
+        gate = self.cfg.answer_gate > 0
+        mem.add_keys(acts, real, k, self._answer_keys(edits) if gate else None,
+                     self._other_keys(edits) if gate and self.cfg.other_relations else None)
 
     @torch.no_grad()
     def _answer_keys(self, edits: list[EditRecord]) -> torch.Tensor:
@@ -355,3 +357,30 @@ class WiseEditor:
         templated = [i > 0 for row in rows for i in range(len(row))]  # chat rows as asked
         batch, raw = self._layer_inputs([r for row in rows for r in row], templated)
         return last_token(raw.float(), batch.query_mask).reshape(len(edits), len(rows[0]), -1)
+
+    @torch.no_grad()
+    def _other_keys(self, edits: list[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, o, d_in) and (E, o) real: the answer positions of other relations of each edit's
+        subject (``augment.other_relations``), as a completion and, with a chat template, as the
+        reply's start to the completion and to the question, and after the question a reply
+        restating the completion; without one, the question as a completion too.  An edit
+        without a subject has none (filler rows, not real)."""
+        rows: list[list[tuple[str, bool]]] = []
+        chat = self.cfg.chat_turns and bool(getattr(self.tok, "chat_template", None))
+        for e in edits:
+            row: list[tuple[str, bool]] = []
+            for completion, question in other_relations(e.prompt, e.subject, self.cfg.other_relations,
+                                                        self._edit_seed(e)):
+                if chat:
+                    head_c, head_q = chat_turns(self.tok, completion)[0], chat_turns(self.tok, question)[0]
+                    row += [(completion, False), (head_c, True), (head_q, True), (head_q + completion, True)]
+                else:
+                    row += [(completion, False), (question, False)]
+            rows.append(row)
+        width = max(len(r) for r in rows)
+        real = torch.tensor([[i < len(r) for i in range(width)] for r in rows], dtype=torch.bool)
+        if width == 0:
+            return torch.zeros(len(edits), 0, self.mem.in_features, device=self.device), real
+        flat = [r[i] if i < len(r) else (e.prompt, False) for r, e in zip(rows, edits) for i in range(width)]
+        batch, raw = self._layer_inputs([t for t, _ in flat], [c for _, c in flat])
+        return last_token(raw.float(), batch.query_mask).reshape(len(edits), width, -1), real

@@ -63,12 +63,13 @@ def _expected_shapes(target: dict, t: dict[str, torch.Tensor]) -> dict[str, tupl
     k, m = int(t["memories"].shape[0]) if t["memories"].dim() else -1, int(t["edit_keys"].shape[0])
     rank = int(t["basis"].shape[1]) if t["basis"].dim() == 2 else -1
     replay = int(t["replay_factor"].shape[1]) if t["replay_factor"].dim() == 2 else -1
-    a = int(t["answer_keys"].shape[0])
+    a, o = int(t["answer_keys"].shape[0]), int(t["other_keys"].shape[0])
     n_shards = int(t["shard_factors"].shape[0]) if t["shard_factors"].dim() == 3 else -1
     shard_rank = int(t["shard_factors"].shape[2]) if t["shard_factors"].dim() == 3 else -1
     return {"memories": (k, d_out, d_in), "thresholds": (k,), "min_edit_scores": (k,), "scale": (),
             "basis": (d_in, max(rank, 0)) if rank <= d_in else (d_in, d_in), "edit_keys": (m, d_in),
             "key_edit": (m,), "key_memory": (m,), "answer_keys": (a, d_in), "answer_key_edit": (a,),
+            "other_keys": (o, d_in), "other_key_edit": (o,),
             "replay_count": (), "shard_factors": (n_shards, d_out, shard_rank),
             "shard_memory": (n_shards,), "shard_seeds": (n_shards,),
             "replay_factor": (0, 0) if replay <= 0 and t["replay_factor"].numel() == 0 else (d_in, max(replay, 0))}
@@ -85,9 +86,9 @@ def _check_indices(manifest: dict, t: dict[str, torch.Tensor], bad: Any) -> None
     if t["shard_memory"].numel() and not (0 <= int(t["shard_memory"].min()) and int(t["shard_memory"].max()) < k):
         raise bad(f"tensor 'shard_memory' points outside the {k} side memories")
     n_edits = len(manifest["edits"])
-    if t["answer_key_edit"].numel() and not (0 <= int(t["answer_key_edit"].min())
-                                             and int(t["answer_key_edit"].max()) < n_edits):
-        raise bad(f"tensor 'answer_key_edit' points outside the {n_edits} edits")
+    for name in ("answer_key_edit", "other_key_edit"):
+        if t[name].numel() and not (0 <= int(t[name].min()) and int(t[name].max()) < n_edits):
+            raise bad(f"tensor '{name}' points outside the {n_edits} edits")
     if manifest["router"]["n_memories"] != k:
         raise bad(f"field 'router.n_memories' is {manifest['router']['n_memories']}, the tensors hold {k}")
     placed = [e.get("memory") for e in manifest["edits"]]
