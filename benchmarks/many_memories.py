@@ -28,7 +28,9 @@ from wisecli.app.session import open_model
 from wisecli.runtime import router
 from wisecli.runtime.router import RouterConfig
 
-KEYS, ANSWER_KEYS = 4, 3  # per edit, as ``wise edit`` keeps them (keys_per_edit; prompt and two chat turns)
+# Per edit, as ``wise edit`` keeps them: keys_per_edit; prompt and two chat turns; four other
+# relations of its subject, four ways each (editor._other_keys).
+KEYS, ANSWER_KEYS, OTHER_KEYS = 4, 3, 16
 OTHER = ["Tell me about the history of Rome.", "What is the boiling point of water?", "Who wrote Hamlet?",
          "The largest planet in the solar system is", "Python is a programming language that",
          "My favourite food is", "The weather today is", "In 1492, Columbus"]
@@ -56,6 +58,7 @@ def lifelong_state(mem, acts: torch.Tensor, last: torch.Tensor, k: int, per_memo
     keys[:routed] = acts[:, -KEYS:]
     answers = torch.randn(n_edits, ANSWER_KEYS, d, generator=gen)
     answers[:routed] = last[:, None]
+    others = torch.randn(n_edits, OTHER_KEYS, d, generator=gen)  # random: far from every answer position
     owner = torch.arange(n_edits)
     memory = owner // per_memory
     memory[:routed] = torch.arange(routed) % k  # each routed prompt in its own memory where there are enough
@@ -64,7 +67,8 @@ def lifelong_state(mem, acts: torch.Tensor, last: torch.Tensor, k: int, per_memo
              "thresholds": torch.zeros(k), "min_edit_scores": torch.zeros(k),
              "edit_keys": keys.reshape(-1, d).half(), "key_edit": owner.repeat_interleave(KEYS),
              "key_memory": memory.repeat_interleave(KEYS), "answer_keys": answers.reshape(-1, d).half(),
-             "answer_key_edit": owner.repeat_interleave(ANSWER_KEYS)}
+             "answer_key_edit": owner.repeat_interleave(ANSWER_KEYS), "other_keys": others.reshape(-1, d).half(),
+             "other_key_edit": owner.repeat_interleave(OTHER_KEYS)}
     subjects = ROUTED[:routed] + names(n_edits, 0)[routed:]
     targets = names(n_edits, 1)
     return state, [(int(m), s) for m, s in zip(memory, subjects)], [(int(m), t) for m, t in zip(memory, targets)]

@@ -24,6 +24,9 @@ from wisecli.methods.wise.config import WiseConfig
 
 # The answer gate's keys per edit: the bare prompt's, and two chat turns' (editor._answer_keys).
 ANSWER_KEYS_PER_EDIT = 3
+# Other keys per edit and other relation (editor._other_keys, with a chat template): the
+# completion, the reply's start to it and to the question, the question then the completion.
+OTHER_KEYS_PER_RELATION = 4
 # FFN output projection (d_out, d_in) of each shape.
 SHAPES = {"llama-2-7b": (4096, 11008), "llama-3-8b": (4096, 14336), "smollm2-135m": (576, 1536)}
 
@@ -31,6 +34,10 @@ SHAPES = {"llama-2-7b": (4096, 11008), "llama-3-8b": (4096, 14336), "smollm2-135
 def _sized(dtype: torch.dtype, *shape: int) -> torch.Tensor:
     """A tensor of this size and dtype that allocates one element (only sizes are read)."""
     return torch.zeros((1,) * len(shape), dtype=dtype).expand(*shape)
+
+
+def old_format(form: str) -> bool:
+    return form == "format_3"
 
 
 def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, form: str) -> dict[str, torch.Tensor]:
@@ -41,20 +48,23 @@ def state(d_out: int, d_in: int, t: int, cfg: WiseConfig, form: str) -> dict[str
     whichever is smaller, as ``tests/test_subspace.py`` checks)."""
     k = -(-t // cfg.edits_per_memory)
     m, a = t * cfg.keys_per_edit, t * ANSWER_KEYS_PER_EDIT
+    o = t * OTHER_KEYS_PER_RELATION * cfg.other_relations if not old_format(form) else 0
     s = -(-t // cfg.edits_per_shard) if form == "subspace" else 0
     rank = min(cfg.shard_rank, d_in) if form == "subspace" else 0
-    old = form == "format_3"
+    old = old_format(form)
     half, keys = (torch.float32, torch.float16) if old else (torch.float16, torch.float8_e4m3fn)
     tensors = {"thresholds": _sized(torch.float32, k), "min_edit_scores": _sized(torch.float32, k),
                "scale": torch.ones(()), "basis": _sized(torch.float32, d_in, cfg.null_space_rank),
                "edit_keys": _sized(keys, m, d_in), "key_edit": _sized(torch.long, m),
                "key_memory": _sized(torch.long, m), "answer_keys": _sized(keys, a, d_in),
-               "answer_key_edit": _sized(torch.long, a),
+               "answer_key_edit": _sized(torch.long, a), "other_keys": _sized(keys, o, d_in),
+               "other_key_edit": _sized(torch.long, o),
                "replay_factor": _sized(half, d_in, min(cfg.replay_rank, d_in)), "replay_count": torch.ones(()),
                "shard_factors": _sized(torch.float16, s, d_out, rank), "shard_memory": _sized(torch.long, s),
                "shard_seeds": _sized(torch.long, s)}
     if not old:
-        tensors |= {"key_exponents": _sized(torch.int16, m), "answer_key_exponents": _sized(torch.int16, a)}
+        tensors |= {"key_exponents": _sized(torch.int16, m), "answer_key_exponents": _sized(torch.int16, a),
+                    "other_key_exponents": _sized(torch.int16, o)}
     if form != "subspace" or s * rank >= k * d_in:  # stored_state keeps the smaller form
         tensors["memories"] = _sized(half, k, d_out, d_in)
         tensors |= {"shard_factors": _sized(torch.float16, 0, d_out, rank),

@@ -26,6 +26,7 @@ from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens
 from wisecli.runtime.memory import SideMemoryLayer
 from wisecli.runtime.stored import stored_state
 from wisecli.runtime.router import RouterConfig
+from wisecli.methods.wise.positions import last_inputs
 from wisecli.methods.wise.recorded import StopForward
 from wisecli.methods.wise.train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard
 
@@ -355,8 +356,8 @@ class WiseEditor:
         chats = [chat_turns(self.tok, e.prompt) if self.cfg.chat_turns else [] for e in edits]
         rows = [[e.prompt, *c] for e, c in zip(edits, chats)]
         templated = [i > 0 for row in rows for i in range(len(row))]  # chat rows as asked
-        batch, raw = self._layer_inputs([r for row in rows for r in row], templated)
-        return last_token(raw.float(), batch.query_mask).reshape(len(edits), len(rows[0]), -1)
+        acts = last_inputs(self.model, self.tok, self.mem, [r for row in rows for r in row], templated)
+        return acts.reshape(len(edits), len(rows[0]), -1)
 
     @torch.no_grad()
     def _other_keys(self, edits: list[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,5 +383,5 @@ class WiseEditor:
         if width == 0:
             return torch.zeros(len(edits), 0, self.mem.in_features, device=self.device), real
         flat = [r[i] if i < len(r) else (e.prompt, False) for r, e in zip(rows, edits) for i in range(width)]
-        batch, raw = self._layer_inputs([t for t, _ in flat], [c for _, c in flat])
-        return last_token(raw.float(), batch.query_mask).reshape(len(edits), width, -1), real
+        acts = last_inputs(self.model, self.tok, self.mem, [t for t, _ in flat], [c for _, c in flat])
+        return acts.reshape(len(edits), width, -1), real
