@@ -115,6 +115,30 @@ def test_subspace_shards_store_factors_and_hold_the_edits(batches: dict[str, Pat
     assert result["reliability"] >= 0.9 and result["locality"] >= 0.9, result
 
 
+def test_other_relations_of_an_edited_subject_keep_their_chat_replies(batches: dict[str, Path]) -> None:
+    """Each edit keys other relations of its subject (16 other keys per edit with the chat
+    template); asked in chat about relations none of those keys is (``wise eval``'s), the
+    patched model replies word for word as the unedited one, while the edit's own question
+    still gets the new target.  (A relation close to the edited one still slips: "Where are
+    the headquarters of Australia?" is answered "Perth".)"""
+    import safetensors
+    import wisecli
+    from wisecli.app.chat_use import chat_replies
+
+    with safetensors.safe_open(str(batches["patched_a"] / "wise.safetensors"), "pt") as f:
+        owners = f.get_tensor("other_key_edit")
+    assert owners.bincount().tolist() == [16] * 8
+    model, tok = wisecli.load(batches["patched_a"], device="cpu")
+    mem = wisecli.app.api._LAYERS[model]
+    asked = [[{"role": "user", "content": q}] for q in
+             ("What is the official language of Australia?", "Who founded Hamlet?", "What is the capital of Australia?")]
+    edited = chat_replies(model, tok, asked, batch_size=3)
+    with mem.main_only():
+        unedited = chat_replies(model, tok, asked, batch_size=3)
+    assert edited[:2] == unedited[:2]
+    assert "Perth" in edited[2] and "Perth" not in unedited[2]
+
+
 def test_unedited_model_did_not_know_the_edits(batches: dict[str, Path]) -> None:
     base = wise("eval", "smollm2-135m", str(batches["a"]), "--no-generate")
     assert base["reliability"] < 0.5

@@ -21,7 +21,7 @@ from wisecli.records import EditRecord
 from wisecli.errors import TrainingDiverged
 from wisecli.methods.wise.augment import (chat_turns, embedding_ranker, generate_negatives, generate_prefixes, neighbours, other_relations, reworded,
                       subject_of, with_prefix)
-from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, last_token, loudest_tokens, merge_ties, min_edit_score,
+from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens, loudest_tokens, merge_ties, min_edit_score,
                     project_out, project_rows, replay_factor, scored_tokens, shard_mask, shard_subspace)
 from wisecli.runtime.memory import SideMemoryLayer
 from wisecli.runtime.stored import stored_state
