@@ -26,8 +26,7 @@ from wisecli.runtime.maths import (common_basis, counted_tokens, distinct_tokens
 from wisecli.runtime.memory import SideMemoryLayer
 from wisecli.runtime.stored import stored_state
 from wisecli.runtime.router import RouterConfig
-from wisecli.methods.wise.positions import last_inputs
-from wisecli.methods.wise.recorded import StopForward
+from wisecli.methods.wise.positions import last_inputs, layer_inputs
 from wisecli.methods.wise.train import IRRELEVANT, NEAR_MISS, RowsForward, ShardResult, train_shard
 
 
@@ -129,28 +128,7 @@ class WiseEditor:
     @torch.no_grad()
     def _layer_inputs(self, texts: list[str], templated: list[bool] | None = None) -> tuple[Batch, torch.Tensor]:
         """The unedited model's input to the side-memory layer for each text (B, T, d_in)."""
-        batch = encode_pairs(self.tok, texts, [None] * len(texts), templated=templated).to(self.device)
-        seen: list[torch.Tensor] = []
-        handle = self.mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
-            with self.mem.main_only():
-                self._run_to_layer(batch)
-        finally:
-            handle.remove()
-        return batch, seen[0]
-
-    def _run_to_layer(self, batch: Batch) -> None:
-        """Forward pass that stops right after the side-memory layer (scores only)."""
-        def stop(_m: nn.Module, _i: Any, _o: Any) -> None:
-            raise StopForward
-        handle = self.mem.register_forward_hook(stop)
-        try:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
+        return layer_inputs(self.model, self.tok, self.mem, texts, templated)
 
     def _negative_acts(self) -> torch.Tensor:
         """The irrelevant prompts' inputs to the layer, recorded once for every shard.

@@ -5,7 +5,7 @@ Chat rows spend most of their tokens on the template's opening (SmolLM2's defaul
 prompt is about 30 of a short question's 45 tokens), and an edit keys a dozen of them.  The
 opening runs once; every row goes on from its cached keys and values, so only the tokens
 that differ run per row.  The activations equal those of a full pass to float rounding
-(``tests/test_positions.py``).
+(``tests/test_positions.py``).  ``layer_inputs`` gives every position, for the keys of a prompt.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from wisecli.batching import encode_pairs, encode_query, length_groups
+from wisecli.batching import Batch, encode_pairs, encode_query, length_groups
 from wisecli.methods.wise.recorded import StopForward
 from wisecli.runtime.maths import last_token
 from wisecli.runtime.memory import SideMemoryLayer
@@ -39,12 +39,19 @@ def last_inputs(model: nn.Module, tok, mem: SideMemoryLayer, texts: list[str],
     return out
 
 
-def _full(model: nn.Module, tok, mem: SideMemoryLayer, texts: list[str], templated: list[bool]) -> torch.Tensor:
+def layer_inputs(model: nn.Module, tok, mem: SideMemoryLayer, texts: list[str],
+                 templated: list[bool] | None = None) -> tuple[Batch, torch.Tensor]:
+    """The texts' batch and the unedited layer's input at every position (B, T, d_in)."""
     batch = encode_pairs(tok, texts, [None] * len(texts), templated=templated).to(mem.memories.device)
-    with _layer_input(mem) as seen:
-        _run(model, mem, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-             position_ids=batch.position_ids, use_cache=False)
-    return last_token(seen[0].float(), batch.query_mask)
+    with layer_input(mem) as seen:
+        run_to_layer(model, mem, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False)
+    return batch, seen[0]
+
+
+def _full(model: nn.Module, tok, mem: SideMemoryLayer, texts: list[str], templated: list[bool]) -> torch.Tensor:
+    batch, raw = layer_inputs(model, tok, mem, texts, templated)
+    return last_token(raw.float(), batch.query_mask)
 
 
 def _shared(model: nn.Module, tok, mem: SideMemoryLayer, texts: list[str]) -> torch.Tensor:
@@ -73,7 +80,7 @@ def _on_opening(model: nn.Module, tok, mem: SideMemoryLayer, opening: list[int],
     # transformers 5.x takes the cache as ``cache``; earlier releases as ``past_key_values``
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with mem.main_only():
-        _run(model, mem, input_ids=torch.tensor([opening], device=dev), use_cache=True, **{arg: cache})
+        run_to_layer(model, mem, input_ids=torch.tensor([opening], device=dev), use_cache=True, **{arg: cache})
     width = max(len(r) for r in rest)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rest), width), pad, dtype=torch.long)
@@ -82,8 +89,8 @@ def _on_opening(model: nn.Module, tok, mem: SideMemoryLayer, opening: list[int],
         input_ids[i, width - len(r):], attn[i, width - len(r):] = torch.tensor(r), 1
     position_ids = p + (attn.cumsum(-1) - 1).clamp_min(0)
     cache.batch_repeat_interleave(len(rest))
-    with _layer_input(mem) as seen:
-        _run(model, mem, input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+    with layer_input(mem) as seen:
+        run_to_layer(model, mem, input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
              attention_mask=torch.cat([torch.ones(len(rest), p, dtype=torch.long), attn], 1).to(dev),
              use_cache=True, **{arg: cache})
     return seen[0][:, -1].float()  # left padding: every row's last token is the last column
@@ -99,7 +106,8 @@ def _common_prefix(ids: list[list[int]]) -> int:
 
 
 @contextmanager
-def _layer_input(mem: SideMemoryLayer) -> Iterator[list[torch.Tensor]]:
+def layer_input(mem: SideMemoryLayer) -> Iterator[list[torch.Tensor]]:
+    """Collects what the layer reads in each call, the side memories skipped."""
     seen: list[torch.Tensor] = []
     handle = mem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
@@ -109,7 +117,7 @@ def _layer_input(mem: SideMemoryLayer) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _run(model: nn.Module, mem: SideMemoryLayer, **inputs: object) -> None:
+def run_to_layer(model: nn.Module, mem: SideMemoryLayer, **inputs: object) -> None:
     """A forward pass that ends right after the side-memory layer (nothing above it is read)."""
     def stop(_m: nn.Module, _i: object, _o: object) -> None:
         raise StopForward
