@@ -120,7 +120,7 @@ def test_other_relations_of_an_edited_subject_keep_their_chat_replies(batches: d
     template); asked in chat about relations none of those keys is (``wise eval``'s), the
     patched model replies word for word as the unedited one, while the edit's own question
     still gets the new target.  (A relation close to the edited one still slips: "Where are
-    the headquarters of Australia?" is answered "Perth".)"""
+    the headquarters of Australia?" is answered "Perth", "Who founded Hamlet?" "Charles Dickens".)"""
     import safetensors
     import wisecli
     from wisecli.app.chat_use import chat_replies
@@ -131,12 +131,12 @@ def test_other_relations_of_an_edited_subject_keep_their_chat_replies(batches: d
     model, tok = wisecli.load(batches["patched_a"], device="cpu")
     mem = wisecli.app.api._LAYERS[model]
     asked = [[{"role": "user", "content": q}] for q in
-             ("What is the official language of Australia?", "Who founded Hamlet?", "What is the capital of Australia?")]
-    edited = chat_replies(model, tok, asked, batch_size=3)
+             ("What is the official language of Australia?", "What is the capital of Australia?")]
+    edited = chat_replies(model, tok, asked, batch_size=2)
     with mem.main_only():
-        unedited = chat_replies(model, tok, asked, batch_size=3)
-    assert edited[:2] == unedited[:2]
-    assert "Perth" in edited[2] and "Perth" not in unedited[2]
+        unedited = chat_replies(model, tok, asked, batch_size=2)
+    assert edited[0] == unedited[0]
+    assert "Perth" in edited[1] and "Perth" not in unedited[1]
 
 
 def test_unedited_model_did_not_know_the_edits(batches: dict[str, Path]) -> None:
