@@ -8,6 +8,7 @@ import pytest
 from wisecli.app.edits import EditRecord
 from wisecli.app.asking import (EARLIER_TURN, SYSTEM_PROMPT, conversation, names, question_for,
                                 same_subject_probes, same_subject_questions)
+from wisecli.app.chat_use import chat_correct
 from wisecli.app.usage import fluency, ngram_entropy
 
 
@@ -35,6 +36,16 @@ def test_questions_are_derived_from_the_prompt(prompt, question):
 def test_names_counts_whole_words_in_any_case():
     assert names("Perth. Perth is perth's capital, not Perthshire", "Perth") == 3
     assert names("Tim Cook, tim  cook Tim Cook", "Tim Cook") == 3 and names("", "x") == 0
+
+
+def test_a_chat_reply_is_right_with_the_new_target_and_not_the_old_answer_outside_the_subject():
+    apple = EditRecord(id="a", prompt="Apple A5 was created by", target_new="Google", ground_truth="Apple",
+                       subject="Apple A5")
+    assert chat_correct("The Apple A5 was created by Google in 2010.", apple)
+    assert not chat_correct("The Apple A5 was created by Apple, not Google.", apple)
+    assert not chat_correct("The Apple A5 was created by Apple Inc.", apple)
+    canberra = EditRecord(id="b", prompt="The capital of Australia is", target_new="Perth", ground_truth="Canberra")
+    assert chat_correct("Perth is the capital.", canberra) and not chat_correct("Canberra, not Perth.", canberra)
 
 
 def test_entropy_is_low_for_repetition_and_higher_for_prose():

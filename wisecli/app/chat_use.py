@@ -9,6 +9,7 @@ stays shut leaves it so, one that opens almost never does.
 """
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 
 from wisecli.app.asking import CONDITIONS, conversation, names, question_for, same_subject_questions
 from wisecli.app.edits import EditRecord
+from wisecli.methods.wise.augment import subject_of
 
 CHAT_TOKENS = 32
 TEMPERATURE = 0.7
@@ -60,9 +62,17 @@ def chat_replies(model, tok, conversations: list[list[dict[str, str]]], batch_si
 
 
 def chat_correct(reply: str, record: EditRecord) -> bool:
+    """The reply names the new target and not the old answer.  The old answer is looked for
+    outside the subject's own name: "The Apple A5 was created by Google" names no old
+    "Apple" (CounterFact's subjects often contain their old answer)."""
     old = record.ground_truth
-    return names(reply, record.target_new) > 0 and not (old and names(reply, old) > 0
-                                                        and names(old, record.target_new) == 0)
+    if names(reply, record.target_new) == 0:
+        return False
+    if not old or names(old, record.target_new) > 0:
+        return True
+    subject = subject_of(record.prompt, record.subject)
+    rest = re.sub(re.escape(subject), " ", reply, flags=re.IGNORECASE) if subject else reply
+    return names(rest, old) == 0
 
 
 def work(edits: list[EditRecord], routed: bool, conditions: bool = True) -> int:
