@@ -29,8 +29,8 @@ from wisecli.runtime import router
 from wisecli.runtime.router import RouterConfig
 
 # Per edit, as ``wise edit`` keeps them: keys_per_edit; prompt and two chat turns; four other
-# relations of its subject, four ways each (editor._other_keys).
-KEYS, ANSWER_KEYS, OTHER_KEYS = 4, 3, 16
+# relations of its subject, two ways each (editor._other_keys).
+KEYS, ANSWER_KEYS, OTHER_KEYS = 4, 3, 8
 OTHER = ["Tell me about the history of Rome.", "What is the boiling point of water?", "Who wrote Hamlet?",
          "The largest planet in the solar system is", "Python is a programming language that",
          "My favourite food is", "The weather today is", "In 1492, Columbus"]
@@ -103,31 +103,42 @@ def main() -> None:
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    def once(enc) -> tuple[float, torch.Tensor]:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, out
+
     def timed(prompts: list[str]) -> tuple[float, torch.Tensor]:
         enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
-        best, out = float("inf"), None
+        runs = [once(enc) for _ in range(args.reps)]
+        return min(t for t, _ in runs), runs[-1][1]
+
+    def alternated(prompts: list[str]) -> tuple[float, float]:
+        """Unedited and patched in turns, the best of each: a slow minute of the machine
+        falls on both instead of on whichever ran then."""
+        enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
+        base_t, patched_t = float("inf"), float("inf")
         for _ in range(args.reps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return best, out
+            with mem.main_only():
+                base_t = min(base_t, once(enc)[0])
+            patched_t = min(patched_t, once(enc)[0])
+        return base_t, patched_t
 
     prompts = routed + OTHER
     with mem.main_only():
         base, _ = timed(prompts)
-        base_other, _ = timed(OTHER)
     default = router.SELECTIVE_FROM
     router.SELECTIVE_FROM = 10 ** 9  # compute every memory on every token
     every, out_every = timed(prompts)
     router.SELECTIVE_FROM = default
     routable, out_routable = timed(prompts)
     routes = mem.answered_route.tolist()
-    patched_other, _ = timed(OTHER)
+    base_other, patched_other = alternated(OTHER)
     res = {"memories": k, "edits": k * args.edits_per_memory, "prompts": len(prompts),
            "new_tokens": args.new_tokens, "seconds_unedited": base, "seconds_every_memory": every,
            "seconds_routable_only": routable, "overhead_every_memory": every / base - 1,

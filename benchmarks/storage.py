@@ -25,8 +25,8 @@ from wisecli.methods.wise.config import WiseConfig
 # The answer gate's keys per edit: the bare prompt's, and two chat turns' (editor._answer_keys).
 ANSWER_KEYS_PER_EDIT = 3
 # Other keys per edit and other relation (editor._other_keys, with a chat template): the
-# completion, the reply's start to it and to the question, the question then the completion.
-OTHER_KEYS_PER_RELATION = 4
+# reply's start to the completion and to the question.
+OTHER_KEYS_PER_RELATION = 2
 # FFN output projection (d_out, d_in) of each shape.
 SHAPES = {"llama-2-7b": (4096, 11008), "llama-3-8b": (4096, 14336), "smollm2-135m": (576, 1536)}
 

@@ -116,7 +116,7 @@ def test_subspace_shards_store_factors_and_hold_the_edits(batches: dict[str, Pat
 
 
 def test_other_relations_of_an_edited_subject_keep_their_chat_replies(batches: dict[str, Path]) -> None:
-    """Each edit keys other relations of its subject (16 other keys per edit with the chat
+    """Each edit keys other relations of its subject (8 other keys per edit with the chat
     template); asked in chat about relations none of those keys is (``wise eval``'s), the
     patched model replies word for word as the unedited one, while the edit's own question
     still gets the new target.  (A relation close to the edited one still slips: "Where are
@@ -127,7 +127,7 @@ def test_other_relations_of_an_edited_subject_keep_their_chat_replies(batches: d
 
     with safetensors.safe_open(str(batches["patched_a"] / "wise.safetensors"), "pt") as f:
         owners = f.get_tensor("other_key_edit")
-    assert owners.bincount().tolist() == [16] * 8
+    assert owners.bincount().tolist() == [8] * 8
     model, tok = wisecli.load(batches["patched_a"], device="cpu")
     mem = wisecli.app.api._LAYERS[model]
     asked = [[{"role": "user", "content": q}] for q in

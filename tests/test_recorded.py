@@ -77,3 +77,40 @@ def test_rows_recorded_in_groups_train_what_one_batch_trains(request, arch, monk
     torch.testing.assert_close(rec3.acts[real], rec1.acts[real], rtol=1e-4, atol=1e-5)
     assert res3.steps == res1.steps
     assert ((res3.delta - res1.delta).norm() / res1.delta.norm()).item() <= 1e-4
+
+
+def test_keys_read_from_the_recording_are_those_a_second_pass_computes(request, arch):
+    """Router keys and answer keys (the bare prompt, its chat turns) taken from the rows the
+    shards recorded for training equal what running the prompts again gives, across a merge
+    group of two shards whose batches differ in width."""
+    from wisecli.runtime.maths import from_fp8_keys, fp8_keys, loudest_tokens
+    sess = open_model(str(arch_dir(request, arch)), device="cpu", layer=2)
+    tok = sess.tokenizer
+    tok.chat_template = ("the old king . {% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}the moon {% endif %}")
+    cfg = WiseConfig(max_steps=5, min_steps=5, check_every=5, n_prefixes=2, negatives_per_step=2,
+                     variants_per_step=2, learning_rate=0.05, edits_per_shard=1, shards_per_merge=2,
+                     other_relations=0)
+    editor = WiseEditor(sess.model, tok, sess.mem, sess.blocks, sess.target.layer, cfg)
+    editor.state.prefixes = ["the old king .", "a big sea . the moon and the sun and the green lake ."]
+    editor.state.negatives = ["the river of germany", "my song is red"]
+    sess.mem.calibrate(*editor.measure_scale(editor.state.negatives))
+    records = [EditRecord(id=e["id"], prompt=e["prompt"], target_new=e["target_new"]) for e in (EDITS[0], EDITS[2])]
+    assert len({len(tok(r.prompt)["input_ids"]) for r in records}) == 2  # the two shards' widths differ
+    recompute = editor._answer_keys
+    editor._answer_keys = lambda _edits: pytest.fail("answer keys run again instead of read from the recording")
+    editor.apply(records)
+    editor._answer_keys = recompute
+    mem = sess.mem
+
+    def stored(x: torch.Tensor) -> torch.Tensor:
+        return from_fp8_keys(*fp8_keys(x))
+    answers = editor._answer_keys(records)
+    assert answers.shape[1] == 3 and mem.answer_keys.shape[0] == 2 * 3  # prompt and two chat turns
+    cos = torch.nn.functional.cosine_similarity(mem.answer_keys.float(), stored(answers.reshape(-1, answers.shape[-1])), dim=-1)
+    assert float(cos.min()) > 0.999
+    batch, raw = editor._layer_inputs([r.prompt for r in records])
+    keys, real = loudest_tokens(raw.float(), batch.query_mask, mem.memories[0], cfg.keys_per_edit)
+    assert mem.edit_keys.shape[0] == int(real.sum())
+    cos = torch.nn.functional.cosine_similarity(mem.edit_keys.float(), stored(keys[real]), dim=-1)
+    assert float(cos.min()) > 0.999

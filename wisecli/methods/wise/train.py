@@ -36,6 +36,7 @@ class ShardResult:
     # folded into the replay factor after the merge without a new forward pass.
     edit_acts: torch.Tensor | None = None
     edit_attn: torch.Tensor | None = None
+    edit_query: torch.Tensor | None = None  # the edit rows' query tokens (their keys are read there)
     factor: torch.Tensor | None = None  # (d_out, r) τ of a subspace shard: delta = τ·A
 
 
@@ -340,4 +341,5 @@ def _result(tau: torch.Tensor, write: Callable[[torch.Tensor], torch.Tensor], su
                        learned=rows.n_edits - int(state.was_wrong.sum()), n_edits=rows.n_edits,
                        seconds=seconds, edit_acts=rec.acts[edit_rows] if rec else None,
                        edit_attn=batch.attention_mask[edit_rows] if rec else None,
+                       edit_query=batch.query_mask[edit_rows] if rec else None,
                        factor=tau.detach().float() if subspace else None)
