@@ -5,7 +5,7 @@ imported on first use so that ``wise --version`` does not load torch.
 """
 from typing import Any
 
-__version__ = "0.13.0"
+__version__ = "0.14.0"
 __all__ = ["load", "edit", "evaluate", "__version__"]
 
 
